@@ -1,0 +1,41 @@
+"""The ``petseg`` console script: ``petseg <job> [--conf FILE ...] [key=value ...]``.
+
+It runs the same functions as the spark-submit entry points in jobs/, on a session it builds itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Sequence
+
+from petseg import config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        invocation = config.parse_command_line(argv)
+    except config.ConfigError as exc:
+        print(f"petseg: {exc}", file=sys.stderr)
+        return 2
+    from petseg.session import get_or_create
+    from petseg.sources import InputError
+
+    cfg = invocation.config
+    spark = get_or_create(cfg.spark)
+    try:
+        if invocation.job in ("ingest", "demo"):
+            from petseg.ingest import run_ingest
+
+            print(run_ingest(spark, data=cfg.data).format())
+    except InputError as exc:
+        print(f"petseg {invocation.job}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        spark.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Stage 1: pet images and trimaps to a Petastorm Parquet dataset, with a rejects table beside it."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import pandas as pd
+from petastorm.etl.dataset_metadata import materialize_dataset
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import BinaryType, IntegerType, StructField, StructType
+
+from petseg.config import DataConfig, Source
+from petseg.images import RejectedInput, prepare_example
+from petseg.schema import REJECTS_SCHEMA, SPLIT, pet_schema
+from petseg.sources import PAIRS_SCHEMA, InputError
+from petseg.storage import Storage
+
+log = logging.getLogger(__name__)
+
+#: What the decode stage returns per input row: the example's columns, or a reason it was rejected.
+PREPARED_SCHEMA = StructType(
+    [f for f in PAIRS_SCHEMA.fields if f.name not in ("image", "mask")]
+    + [
+        StructField("image", BinaryType(), True),
+        StructField("mask", BinaryType(), True),
+        StructField("height", IntegerType(), True),
+        StructField("width", IntegerType(), True),
+    ]
+)
+
+
+class IngestError(InputError):
+    """Nothing usable was ingested; the message says why and where the rejects are."""
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    dataset: str
+    rejects: str
+    written: dict[str, int] = field(default_factory=dict)  # split -> rows
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> rows
+
+    @property
+    def read(self) -> int:
+        return sum(self.written.values()) + sum(self.rejected.values())
+
+    def format(self) -> str:
+        lines = [f"ingest: read {self.read}, written {sum(self.written.values())}, rejected {sum(self.rejected.values())}"]
+        lines += [f"  written  {split:<28} {n:>8}" for split, n in sorted(self.written.items())]
+        lines += [f"  rejected {reason:<28} {n:>8}" for reason, n in sorted(self.rejected.items())]
+        lines.append(f"  dataset: {self.dataset}")
+        if self.rejected:
+            lines.append(f"  rejects: {self.rejects}")
+        return "\n".join(lines)
+
+
+def load_pairs(spark: SparkSession, data: DataConfig) -> DataFrame:
+    """The configured source as a DataFrame of :data:`petseg.sources.PAIRS_SCHEMA`."""
+    partitions = data.partitions or 2 * spark.sparkContext.defaultParallelism
+    if data.source is Source.synthetic:
+        from petseg.sources.synthetic import load_synthetic
+
+        return load_synthetic(
+            spark,
+            count=data.synthetic_count,
+            seed=data.synthetic_seed,
+            test_fraction=data.synthetic_test_fraction,
+            partitions=partitions,
+        )
+    if data.source is Source.oxford:
+        from petseg.sources.oxford import load_oxford
+
+        return load_oxford(spark, root=str(data.input), partitions=data.partitions)
+    from petseg.sources.tfds import load_tfds
+
+    return load_tfds(
+        spark, data_dir=str(data.input), name=data.tfds_name, download=data.tfds_download, partitions=partitions
+    )
+
+
+def prepare_pairs(pairs: DataFrame, *, image_size: int, image_codec: str) -> DataFrame:
+    """Decode, check, resize and encode every pair on the executors (:data:`PREPARED_SCHEMA`)."""
+    return pairs.mapInPandas(_prepare_batches(image_size, image_codec), PREPARED_SCHEMA)
+
+
+def _prepare_batches(image_size: int, image_codec: str) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    def prepare(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        schema = pet_schema(image_size=image_size, image_codec=image_codec)
+        image_field, mask_field = schema.fields["image"], schema.fields["mask"]
+        for batch in batches:
+            out = {name: [] for name in ("image", "mask", "height", "width")}
+            reasons, details = batch["reason"].tolist(), batch["detail"].tolist()
+            for i, (image, mask, reason) in enumerate(zip(batch["image"], batch["mask"], batch["reason"])):
+                example = None
+                if reason is None:
+                    try:
+                        example = prepare_example(image, mask, size=image_size)
+                    except RejectedInput as exc:
+                        reasons[i], details[i] = exc.reason, exc.detail
+                if example is None:
+                    for values in out.values():
+                        values.append(None)
+                    continue
+                out["image"].append(bytes(image_field.codec.encode(image_field, example.image)))
+                out["mask"].append(bytes(mask_field.codec.encode(mask_field, example.mask)))
+                out["height"].append(example.height)
+                out["width"].append(example.width)
+            yield pd.DataFrame(
+                {
+                    "id": batch["id"],
+                    "split": batch["split"],
+                    "path": batch["path"],
+                    "reason": reasons,
+                    "detail": details,
+                    **{k: pd.Series(v, dtype="object" if k in ("image", "mask") else "Int32") for k, v in out.items()},
+                }
+            )
+
+    return prepare
+
+
+def write_dataset(spark: SparkSession, examples: DataFrame, *, url: str, data: DataConfig, split_rows: dict[str, int]) -> None:
+    """Write accepted examples as a Petastorm dataset partitioned by split, replacing ``url`` atomically.
+
+    Each split is its own Hive-style folder (``split=train``), so its row groups hold only its rows
+    and a reader filtering on split skips the others without opening them. Within a split, files
+    are capped at ceil(rows / min_row_groups_per_split) records: every file holds at least one row
+    group, so even a small split gets enough row groups for Petastorm to shard across workers, while
+    data.rowgroup_size_mb bounds them for large splits.
+    """
+    schema = pet_schema(image_size=data.image_size, image_codec=data.image_codec.value)
+    columns = [name for name in schema.fields if name != SPLIT]
+    with Storage(spark).atomic_output(url) as tmp:
+        with materialize_dataset(spark, tmp, schema, data.rowgroup_size_mb):
+            for split, rows in sorted(split_rows.items()):
+                (
+                    examples.where(F.col(SPLIT) == split)
+                    .withColumnRenamed("path", "source_path")
+                    .select(*columns)
+                    .write.mode("overwrite")
+                    .option("maxRecordsPerFile", max(1, math.ceil(rows / data.min_row_groups_per_split)))
+                    .parquet(f"{tmp}/{SPLIT}={split}")
+                )
+
+
+def write_rejects(spark: SparkSession, rejects: DataFrame, *, url: str) -> None:
+    """Write the rejects table (id, split, path, reason, detail) as Parquet, replacing ``url`` atomically."""
+    with Storage(spark).atomic_output(url) as tmp:
+        rejects.select([f.name for f in REJECTS_SCHEMA.fields]).coalesce(1).write.mode("overwrite").parquet(tmp)
+
+
+def run_ingest(spark: SparkSession, *, data: DataConfig) -> IngestReport:
+    """Read the configured source, write the Petastorm dataset and the rejects table, and report counts.
+
+    Parameters
+    ----------
+    spark
+        The session to run on.
+    data
+        The ``data`` section of a validated config (see :mod:`petseg.config`).
+
+    Returns
+    -------
+    IngestReport
+        Rows written per split and rejected per reason; ``read == written + rejected``.
+
+    Raises
+    ------
+    InputError
+        When the input is missing or empty, or (after the rejects are written, so they can be
+        inspected) when no valid example remains.
+    """
+    storage = Storage(spark)
+    pairs = load_pairs(spark, data)
+    prepared = prepare_pairs(pairs, image_size=data.image_size, image_codec=data.image_codec.value)
+    # Three consumers below (counts, rejects, dataset): decode once.
+    prepared = prepared.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        counts = prepared.groupBy(F.col("reason").isNull().alias("ok"), "split", "reason").count().collect()
+        written: Counter[str] = Counter()
+        rejected: Counter[str] = Counter()
+        for row in counts:
+            if row["ok"]:
+                written[row["split"]] += row["count"]
+            else:
+                rejected[row["reason"]] += row["count"]
+        if not written and not rejected:
+            raise InputError(f"the {data.source.value} input {data.input or ''} produced no rows; check data.input")
+        report = IngestReport(dataset=data.dataset, rejects=str(data.rejects), written=dict(written), rejected=dict(rejected))
+
+        if rejected:
+            write_rejects(spark, prepared.where(F.col("reason").isNotNull()), url=str(data.rejects))
+        else:
+            storage.delete(str(data.rejects))  # a stale rejects table from an earlier run would mislead
+        if not written:
+            raise IngestError(
+                f"no valid example remains out of {report.read} read; see the rejects table at {data.rejects} "
+                f"(reasons: {dict(rejected)})"
+            )
+        write_dataset(spark, prepared.where(F.col("reason").isNull()), url=data.dataset, data=data, split_rows=dict(written))
+    finally:
+        prepared.unpersist()
+    log.info("ingest wrote %d examples to %s", sum(written.values()), data.dataset)
+    return report

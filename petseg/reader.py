@@ -1,0 +1,92 @@
+"""Reading an ingested dataset back: Petastorm readers per split and shard, and tf.data on top.
+
+TensorFlow is imported only inside the functions that build tf.data pipelines, so Spark-side code
+that merely inspects a dataset stays light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+from collections import Counter
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import pyarrow.parquet as pq
+from petastorm import make_reader
+from petastorm.predicates import in_set
+from petastorm.reader import Reader
+
+from petseg.schema import SPLIT, SPLITS
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+#: The fields training needs; the rest (source_path, original size) stay on disk.
+TRAINING_FIELDS = ("id", "image", "mask")
+
+
+@contextlib.contextmanager
+def open_split(
+    dataset_url: str,
+    *,
+    split: str,
+    fields: Sequence[str] = TRAINING_FIELDS,
+    shard: int | None = None,
+    shard_count: int | None = None,
+    num_epochs: int | None = 1,
+    shuffle: bool = False,
+    seed: int | None = None,
+    workers_count: int = 2,
+) -> Iterator[Reader]:
+    """A Petastorm reader over one split, optionally one shard of it, as a context manager.
+
+    Parameters
+    ----------
+    dataset_url
+        The ingested dataset.
+    split
+        ``train`` or ``test``; the reader opens only that split's folder.
+    shard, shard_count
+        Read row groups ``i`` with ``i % shard_count == shard`` (Petastorm shards by row group).
+    num_epochs
+        None repeats forever.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not a petseg split; use one of {', '.join(SPLITS)}")
+    with make_reader(
+        dataset_url,
+        schema_fields=list(fields),
+        predicate=in_set({split}, SPLIT),
+        cur_shard=shard,
+        shard_count=shard_count,
+        num_epochs=num_epochs,
+        shuffle_row_groups=shuffle,
+        seed=seed,
+        workers_count=workers_count,
+    ) as reader:
+        yield reader
+
+
+def make_tf_dataset(reader: Reader) -> "tf.data.Dataset":
+    """``(image uint8 [H, W, 3], mask uint8 [H, W])`` pairs from a reader opened on image and mask."""
+    import tensorflow as tf
+    from petastorm.tf_utils import make_petastorm_dataset
+
+    return make_petastorm_dataset(reader).map(
+        lambda row: (row.image, row.mask), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
+    )
+
+
+def row_groups_per_split(dataset_url: str) -> dict[str, int]:
+    """Count the Parquet row groups in each split folder, from file footers (no pixel data is read)."""
+    from pyarrow import fs as pafs
+
+    filesystem, root = pafs.FileSystem.from_uri(dataset_url)
+    counts: Counter[str] = Counter()
+    for info in filesystem.get_file_info(pafs.FileSelector(root, recursive=True)):
+        folder, name = posixpath.split(info.path)
+        partition = posixpath.basename(folder)
+        if info.is_file and name.endswith(".parquet") and partition.startswith(f"{SPLIT}="):
+            with filesystem.open_input_file(info.path) as f:
+                counts[partition.split("=", 1)[1]] += pq.ParquetFile(f).metadata.num_row_groups
+    return dict(counts)

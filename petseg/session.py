@@ -1,0 +1,22 @@
+"""The Spark session every petseg stage runs on."""
+
+from __future__ import annotations
+
+from pyspark.sql import SparkSession
+
+from petseg.config import SparkConfig, prepare_process_environment
+
+
+def get_or_create(spark_cfg: SparkConfig) -> SparkSession:
+    """Return the active session, or build one from the ``spark`` config section.
+
+    Under spark-submit or on Databricks a session (and its master) already exists; its settings win,
+    and the ``spark.conf`` entries are applied only where Spark allows changing them at run time.
+    """
+    prepare_process_environment(master=spark_cfg.master)
+    builder = SparkSession.builder.appName(spark_cfg.app_name)
+    if spark_cfg.master:
+        builder = builder.master(spark_cfg.master)
+    for key, value in spark_cfg.conf.items():
+        builder = builder.config(key, str(value))
+    return builder.getOrCreate()

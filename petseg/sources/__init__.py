@@ -1,0 +1,26 @@
+"""Readers that turn each supported input into one DataFrame of encoded image/trimap pairs.
+
+Every source yields :data:`PAIRS_SCHEMA`; a row either carries both encoded files or a ``reason``
+saying why it cannot (a trimap with no image, an image in no split list, ...). Decoding happens
+once, later, in :mod:`petseg.ingest`, the same way for every source.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql.types import BinaryType, StringType, StructField, StructType
+
+PAIRS_SCHEMA = StructType(
+    [
+        StructField("id", StringType(), True),
+        StructField("split", StringType(), True),
+        StructField("path", StringType(), True),
+        StructField("image", BinaryType(), True),
+        StructField("mask", BinaryType(), True),
+        StructField("reason", StringType(), True),
+        StructField("detail", StringType(), True),
+    ]
+)
+
+
+class InputError(ValueError):
+    """The input is missing, empty or unusable as a whole; the message says what to fix."""

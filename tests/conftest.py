@@ -1,0 +1,127 @@
+"""Shared fixtures: one local[2] SparkSession for the whole run, and generated input data."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from petseg import config, synthetic
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    config.prepare_process_environment(master="local[2]")
+    from pyspark.sql import SparkSession
+
+    warehouse = tmp_path_factory.mktemp("warehouse")
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("petseg-tests")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.warehouse.dir", str(warehouse))
+        .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={warehouse}")
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+class OxfordFixture:
+    """A small Oxford-layout folder with good pairs and every known kind of bad input.
+
+    ``expected_reasons`` maps stem -> reason for every input that must be rejected;
+    ``accepted`` maps stem -> split for every input that must be written.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.pets = synthetic.write_oxford_layout(root, count=12, seed=7, test_fraction=0.5)
+        self.accepted: dict[str, str] = {p.stem: p.split for p in self.pets}
+        self.expected_reasons: dict[str, str] = {}
+        images, trimaps = root / "images", root / "annotations" / "trimaps"
+
+        def add_pair(stem: str, image_bytes: bytes, trimap: np.ndarray | bytes, split: str | None = "train") -> None:
+            (images / f"{stem}.jpg").write_bytes(image_bytes)
+            data = trimap if isinstance(trimap, bytes) else synthetic.encode_png(trimap)
+            (trimaps / f"{stem}.png").write_bytes(data)
+            if split:
+                name = "trainval.txt" if split == "train" else "test.txt"
+                with open(root / "annotations" / name, "a") as f:
+                    f.write(f"{stem} 1 1 1\n")
+
+        pet = synthetic.render(100, seed=7, size=(90, 70))
+        rgb = Image.fromarray(pet.image)
+        # Decodable by content although the extension lies, or unusual colour modes: all accepted.
+        add_pair("Gif_1", _encode(rgb.convert("P"), "GIF"), pet.trimap)
+        add_pair("Pngjpg_1", _encode(rgb, "PNG"), pet.trimap, split="test")
+        add_pair("Gray_1", _encode(rgb.convert("L"), "JPEG"), pet.trimap)
+        add_pair("Rgba_1", _encode(rgb.convert("RGBA"), "PNG"), pet.trimap)
+        add_pair("Cmyk_1", _encode(rgb.convert("CMYK"), "JPEG"), pet.trimap, split="test")
+        for stem, split in [("Gif_1", "train"), ("Pngjpg_1", "test"), ("Gray_1", "train"), ("Rgba_1", "train"), ("Cmyk_1", "test")]:
+            self.accepted[stem] = split
+        self.modes_pet = pet
+
+        jpeg = synthetic.encode_jpeg(pet.image)
+        add_pair("Broken_1", b"this is not an image at all", pet.trimap)
+        add_pair("Empty_1", b"", pet.trimap)
+        add_pair("Truncated_1", jpeg[: len(jpeg) // 3], pet.trimap)
+        add_pair("Emptymask_1", jpeg, b"")
+        add_pair("Badmask_1", jpeg, b"\x89PNG garbage")
+        add_pair("Mismatch_1", jpeg, synthetic.render(101, seed=7, size=(60, 50)).trimap)
+        bad_values = pet.trimap.copy()
+        bad_values[0, :5] = 7
+        add_pair("Values_1", jpeg, bad_values)
+        add_pair("Unlisted_1", jpeg, pet.trimap, split=None)
+        add_pair("Both_1", jpeg, pet.trimap, split="train")
+        with open(root / "annotations" / "test.txt", "a") as f:
+            f.write("Both_1 1 1 1\n")
+        (images / "Nomask_1.jpg").write_bytes(jpeg)
+        with open(root / "annotations" / "trainval.txt", "a") as f:
+            f.write("Nomask_1 1 1 1\n")
+        (trimaps / "Noimage_1.png").write_bytes(synthetic.encode_png(pet.trimap))
+        with open(root / "annotations" / "trainval.txt", "a") as f:
+            f.write("Ghost_1 1 1 1\n")
+        # Files the real release carries that are not examples: skipped, not rejected.
+        (images / "Abyssinian_100.mat").write_bytes(b"MATLAB 5.0")
+        (trimaps / "._Gif_1.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+        self.expected_reasons.update(
+            {
+                "Broken_1": "image_undecodable",
+                "Empty_1": "image_empty",
+                "Truncated_1": "image_undecodable",
+                "Emptymask_1": "mask_empty",
+                "Badmask_1": "mask_undecodable",
+                "Mismatch_1": "size_mismatch",
+                "Values_1": "mask_values_out_of_range",
+                "Unlisted_1": "not_in_split_lists",
+                "Both_1": "in_both_split_lists",
+                "Nomask_1": "mask_missing",
+                "Noimage_1": "image_missing",
+                "Ghost_1": "listed_files_missing",
+            }
+        )
+
+
+@pytest.fixture(scope="session")
+def oxford_dir(tmp_path_factory) -> OxfordFixture:
+    return OxfordFixture(tmp_path_factory.mktemp("oxford"))
+
+
+def data_config(**overrides) -> config.DataConfig:
+    """A validated data section from base.yaml plus ``overrides`` (key -> value)."""
+    items = [f"data.{k}={v}" for k, v in overrides.items()]
+    return config.load(overrides=items).data
