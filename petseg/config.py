@@ -273,7 +273,8 @@ def _explain(exc: OmegaConfBaseException) -> ConfigError:
             hint = f"; allowed values: {', '.join(m.value for m in node_cls)}"
         elif node_cls is not None:
             hint = f"; expected {getattr(node_cls, '__name__', node_cls)}"
-        return ConfigError(f"bad value for config key {key!r}: {exc.msg}{hint}")
+        first_line = str(exc.msg).splitlines()[0]  # omegaconf appends its own key/type block
+        return ConfigError(f"bad value for config key {key!r}: {first_line}{hint}")
     return ConfigError(f"config error at {key!r}: {getattr(exc, 'msg', exc)}")
 
 

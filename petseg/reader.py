@@ -53,9 +53,12 @@ def open_split(
     """
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not a petseg split; use one of {', '.join(SPLITS)}")
+    # petastorm resolves a partition predicate through the reader's field view, so the split
+    # column must be among the fields read or make_reader fails with KeyError: 'split'.
+    fields = list(dict.fromkeys([*fields, SPLIT]))
     with make_reader(
         dataset_url,
-        schema_fields=list(fields),
+        schema_fields=fields,
         predicate=in_set({split}, SPLIT),
         cur_shard=shard,
         shard_count=shard_count,

@@ -43,6 +43,12 @@ class Storage:
             return []
         return sorted(str(status.getPath().getName()) for status in fs.listStatus(path))
 
+    def glob(self, url: str, pattern: str) -> list[tuple[str, int]]:
+        """(path, length) of the files under ``url`` matching a Hadoop glob such as ``*.{jpg,png}``."""
+        fs, path = self._path(f"{url.rstrip('/')}/{pattern}")
+        statuses = fs.globStatus(path) or []
+        return [(str(s.getPath().toString()), int(s.getLen())) for s in statuses if s.isFile()]
+
     def delete(self, url: str) -> None:
         fs, path = self._path(url)
         if fs.exists(path):

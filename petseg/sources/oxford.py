@@ -120,7 +120,24 @@ def load_oxford(spark: SparkSession, *, root: str, partitions: int | None = None
 
 
 def _binary_files(spark: SparkSession, url: str, glob: str) -> DataFrame:
-    return spark.read.format("binaryFile").option("pathGlobFilter", glob).option("recursiveFileLookup", "false").load(url)
+    """(path, content) of every file matching ``glob`` under ``url``, zero-length files included."""
+    files = spark.read.format("binaryFile").option("pathGlobFilter", glob).load(url).select("path", "content")
+    return files.unionByName(_empty_files(spark, url, glob))
+
+
+def _empty_files(spark: SparkSession, url: str, glob: str) -> DataFrame:
+    """Zero-length files, which Spark's file sources drop while listing (SPARK-26161, SPARK-27291).
+
+    An empty image or trimap is bad input that must reach the rejects table, not vanish; this
+    driver-side listing finds them so they can be added back with empty content.
+    """
+    hidden = ("_", ".")  # the same names Spark's listing ignores
+    empty = [
+        (path, bytearray())
+        for path, length in Storage(spark).glob(url, glob)
+        if length == 0 and not path.rsplit("/", 1)[-1].startswith(hidden)
+    ]
+    return spark.createDataFrame(empty, "path string, content binary")
 
 
 def _read_lists(spark: SparkSession, lists: dict[str, str]) -> DataFrame:

@@ -1,0 +1,68 @@
+import pytest
+
+from petseg import config
+from petseg.config import ConfigError
+
+
+def test_base_and_local_layers():
+    base = config.load(overrides=["data.dataset=/tmp/x", "data.input=/data/pets"])
+    assert base.data.image_size == 128 and base.data.source is config.Source.oxford
+    assert base.spark.master is None
+    assert base.data.dataset == "file:///tmp/x" and base.data.rejects == "file:///tmp/x_rejects"
+    local = config.parse_job_arguments(["data.image_size=64"], local=True)
+    assert local.spark.master == "local[*]" and local.data.source is config.Source.synthetic
+    assert local.data.image_size == 64
+    # Overlays add Spark confs without dropping the base ones.
+    assert local.spark.conf["spark.executorEnv.TF_USE_LEGACY_KERAS"] == "1"
+    assert local.spark.conf["spark.sql.shuffle.partitions"] == "4"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.imagesize=64", r"unknown config key 'data.imagesize'; allowed keys here: source, input, dataset"),
+        ("nope.x=1", r"unknown config key 'nope"),
+        ("data.image_size=big", r"bad value for config key 'data.image_size'.*'big'.*expected int"),
+        ("data.source=kaggle", r"'data.source'.*kaggle.*allowed values: synthetic, oxford, tfds"),
+        ("data.image_codec=webp", r"allowed values: raw, jpeg, png"),
+        ("data.image_size=4", r"data.image_size=4 is not allowed; use an integer >= 8"),
+        ("data.synthetic_test_fraction=1.5", r"strictly between 0 and 1"),
+        ("data.dataset=ftp://host/x", r"unsupported scheme 'ftp'; use one of file, hdfs"),
+        ("data.image_size", r"not of the form key=value"),
+    ],
+)
+def test_bad_config_names_key_value_and_fix(override, message):
+    args = ["data.dataset=/tmp/x", "data.source=synthetic", override]
+    with pytest.raises(ConfigError, match=message):
+        config.load(overrides=args)
+
+
+def test_oxford_needs_input_and_files_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.input=None is not allowed; use the Oxford-IIIT Pet folder"):
+        config.load(overrides=["data.dataset=/tmp/x"])
+    with pytest.raises(ConfigError, match="does not exist; pass an existing YAML file"):
+        config.load(conf_files=[tmp_path / "missing.yaml"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  image_size: [1, 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        config.load(conf_files=[bad])
+    with pytest.raises(ConfigError, match=r"config key 'data.dataset' has no value"):
+        config.load(overrides=["data.source=synthetic"])
+
+
+def test_url_normalisation():
+    assert config.normalize_url("dbfs:/ml/pets", key="k") == "file:///dbfs/ml/pets"
+    assert config.normalize_url("/Volumes/main/pets/raw", key="k") == "file:///Volumes/main/pets/raw"
+    assert config.normalize_url("s3a://bucket/pets", key="k") == "s3a://bucket/pets"
+    assert config.normalize_url("rel/dir", key="k").startswith("file:///") and config.normalize_url("rel/dir", key="k").endswith("/rel/dir")
+
+
+def test_command_line():
+    inv = config.parse_command_line(["ingest", "--conf", str(config.LOCAL_CONF), "data.synthetic_count=10"])
+    assert inv.job == "ingest" and inv.config.data.synthetic_count == 10
+    with pytest.raises(ConfigError, match="unknown job 'trian'; choose one of ingest, demo"):
+        config.parse_command_line(["trian"])
+    with pytest.raises(ConfigError, match="unknown option '--verbose'"):
+        config.parse_command_line(["demo", "--verbose"])
+    with pytest.raises(ConfigError, match="usage: petseg"):
+        config.parse_command_line([])

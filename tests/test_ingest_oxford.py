@@ -1,0 +1,97 @@
+"""The ingest job on an Oxford-layout folder with every known kind of bad input."""
+
+import re
+
+import numpy as np
+import pytest
+
+from conftest import data_config
+from petseg import images, synthetic
+from petseg.ingest import run_ingest
+from petseg.reader import open_split
+from petseg.sources import InputError
+
+
+@pytest.fixture(scope="module")
+def ingested(spark, oxford_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    data = data_config(source="oxford", input=str(oxford_dir.root), dataset=str(out / "pets"), image_size=32,
+                       min_row_groups_per_split=2)
+    return data, run_ingest(spark, data=data)
+
+
+def test_counts_and_reasons(ingested, oxford_dir):
+    data, report = ingested
+    expected = {}
+    for reason in oxford_dir.expected_reasons.values():
+        expected[reason] = expected.get(reason, 0) + 1
+    assert report.rejected == expected
+    splits = list(oxford_dir.accepted.values())
+    assert report.written == {"train": splits.count("train"), "test": splits.count("test")}
+    # Nothing lost: every image, trimap-only file and listed-only stem is either written or rejected.
+    assert report.read == len(oxford_dir.accepted) + len(oxford_dir.expected_reasons)
+    lines = report.format().splitlines()
+    assert lines[0] == f"ingest: read {report.read}, written {len(oxford_dir.accepted)}, rejected {len(expected)}"
+    assert any(re.fullmatch(r"\s*rejected mask_missing\s+1", line) for line in lines)
+
+
+def test_rejects_table(spark, ingested, oxford_dir):
+    data, _ = ingested
+    rows = spark.read.parquet(data.rejects).collect()
+    assert {r["id"]: r["reason"] for r in rows} == oxford_dir.expected_reasons
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["Noimage_1"]["path"].endswith("annotations/trimaps/Noimage_1.png")
+    assert by_id["Ghost_1"]["path"].endswith("annotations/trainval.txt")
+    assert by_id["Broken_1"]["path"].endswith("images/Broken_1.jpg")
+    assert "120" not in by_id["Mismatch_1"]["detail"] and "mask is 60x50" in by_id["Mismatch_1"]["detail"]
+    assert all(r["detail"] for r in rows)
+
+
+def test_dataset_pairs_by_stem_and_split_from_lists(ingested, oxford_dir):
+    data, _ = ingested
+    seen = {}
+    for split in ("train", "test"):
+        with open_split(data.dataset, split=split, fields=("id", "split", "image", "mask", "height", "width", "source_path")) as reader:
+            for row in reader:
+                seen[row.id] = row
+                assert row.split == split
+    assert {k: v.split for k, v in seen.items()} == oxford_dir.accepted
+    for pet in oxford_dir.pets:
+        row = seen[pet.stem]
+        assert (row.height, row.width) == pet.trimap.shape
+        assert row.source_path.endswith(f"images/{pet.stem}.jpg")
+        # The mask belongs to this very image: equal to its own trimap, resized NEAREST, minus one.
+        np.testing.assert_array_equal(row.mask, images.resize_mask(pet.trimap - 1, 32))
+        expected = images.resize_image(pet.image, 32).astype(int)
+        assert np.abs(row.image.astype(int) - expected).mean() < 6  # JPEG source, reduced-scale decode
+    cmyk = seen["Cmyk_1"].image.astype(int)
+    assert np.abs(cmyk - images.resize_image(oxford_dir.modes_pet.image, 32).astype(int)).mean() < 10
+
+
+def test_missing_and_empty_input_fail_with_a_fix(spark, tmp_path):
+    with pytest.raises(InputError, match="is not an Oxford-IIIT Pet folder.*Point data.input"):
+        run_ingest(spark, data=data_config(source="oxford", input=str(tmp_path / "nope"), dataset=str(tmp_path / "o")))
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    (tmp_path / "empty" / "annotations" / "trimaps").mkdir(parents=True)
+    with pytest.raises(InputError, match="no split lists"):
+        run_ingest(spark, data=data_config(source="oxford", input=str(tmp_path / "empty"), dataset=str(tmp_path / "o")))
+    (tmp_path / "empty" / "annotations" / "test.txt").write_text("")
+    with pytest.raises(InputError, match="holds no image files"):
+        run_ingest(spark, data=data_config(source="oxford", input=str(tmp_path / "empty"), dataset=str(tmp_path / "o")))
+
+
+def test_nothing_valid_fails_after_writing_rejects_and_keeps_old_dataset(spark, tmp_path):
+    root = tmp_path / "allbad"
+    synthetic.write_oxford_layout(root, count=2, seed=3)
+    for jpg in (root / "images").glob("*.jpg"):
+        jpg.write_bytes(b"")
+    out = tmp_path / "pets"
+    old = out / "old-marker.txt"
+    out.mkdir()
+    old.write_text("the previous dataset")
+    data = data_config(source="oxford", input=str(root), dataset=str(out))
+    with pytest.raises(InputError, match="no valid example remains out of 2 read.*image_empty"):
+        run_ingest(spark, data=data)
+    assert old.read_text() == "the previous dataset"
+    assert spark.read.parquet(data.rejects).count() == 2
+    assert not [p for p in tmp_path.iterdir() if "petseg-tmp" in p.name]
