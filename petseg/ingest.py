@@ -79,9 +79,7 @@ def load_pairs(spark: SparkSession, data: DataConfig) -> DataFrame:
         return load_oxford(spark, root=str(data.input), partitions=data.partitions)
     from petseg.sources.tfds import load_tfds
 
-    return load_tfds(
-        spark, data_dir=str(data.input), name=data.tfds_name, download=data.tfds_download, partitions=partitions
-    )
+    return load_tfds(spark, data_dir=str(data.input), name=data.tfds_name, download=data.tfds_download)
 
 
 def prepare_pairs(pairs: DataFrame, *, image_size: int, image_codec: str) -> DataFrame:
