@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -45,6 +46,7 @@ class IngestReport:
     rejects: str
     written: dict[str, int] = field(default_factory=dict)  # split -> rows
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> rows
+    seconds: dict[str, float] = field(default_factory=dict)  # phase -> wall time
 
     @property
     def read(self) -> int:
@@ -54,6 +56,8 @@ class IngestReport:
         lines = [f"ingest: read {self.read}, written {sum(self.written.values())}, rejected {sum(self.rejected.values())}"]
         lines += [f"  written  {split:<28} {n:>8}" for split, n in sorted(self.written.items())]
         lines += [f"  rejected {reason:<28} {n:>8}" for reason, n in sorted(self.rejected.items())]
+        if self.seconds:
+            lines.append("  seconds: " + ", ".join(f"{phase} {t:.1f}" for phase, t in self.seconds.items()))
         lines.append(f"  dataset: {self.dataset}")
         if self.rejected:
             lines.append(f"  rejects: {self.rejects}")
@@ -76,7 +80,7 @@ def load_pairs(spark: SparkSession, data: DataConfig) -> DataFrame:
     if data.source is Source.oxford:
         from petseg.sources.oxford import load_oxford
 
-        return load_oxford(spark, root=str(data.input), partitions=data.partitions)
+        return load_oxford(spark, root=str(data.input), partitions=partitions)
     from petseg.sources.tfds import load_tfds
 
     return load_tfds(spark, data_dir=str(data.input), name=data.tfds_name, download=data.tfds_download)
@@ -175,7 +179,16 @@ def run_ingest(spark: SparkSession, *, data: DataConfig) -> IngestReport:
         inspected) when no valid example remains.
     """
     storage = Storage(spark)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[phase], clock = round(now - clock, 2), now
+
     pairs = load_pairs(spark, data)
+    lap("list")
     prepared = prepare_pairs(pairs, image_size=data.image_size, image_codec=data.image_codec.value)
     # Three consumers below (counts, rejects, dataset): decode once.
     prepared = prepared.persist(StorageLevel.MEMORY_AND_DISK)
@@ -190,18 +203,22 @@ def run_ingest(spark: SparkSession, *, data: DataConfig) -> IngestReport:
                 rejected[row["reason"]] += row["count"]
         if not written and not rejected:
             raise InputError(f"the {data.source.value} input {data.input or ''} produced no rows; check data.input")
-        report = IngestReport(dataset=data.dataset, rejects=str(data.rejects), written=dict(written), rejected=dict(rejected))
-
+        lap("decode")
+        report = IngestReport(
+            dataset=data.dataset, rejects=str(data.rejects), written=dict(written), rejected=dict(rejected), seconds=seconds
+        )
         if rejected:
             write_rejects(spark, prepared.where(F.col("reason").isNotNull()), url=str(data.rejects))
         else:
             storage.delete(str(data.rejects))  # a stale rejects table from an earlier run would mislead
+        lap("rejects")
         if not written:
             raise IngestError(
                 f"no valid example remains out of {report.read} read; see the rejects table at {data.rejects} "
                 f"(reasons: {dict(rejected)})"
             )
         write_dataset(spark, prepared.where(F.col("reason").isNull()), url=data.dataset, data=data, split_rows=dict(written))
+        lap("dataset")
     finally:
         prepared.unpersist()
     log.info("ingest wrote %d examples to %s", sum(written.values()), data.dataset)

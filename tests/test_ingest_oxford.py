@@ -31,7 +31,7 @@ def test_counts_and_reasons(ingested, oxford_dir):
     # Nothing lost: every image, trimap-only file and listed-only stem is either written or rejected.
     assert report.read == len(oxford_dir.accepted) + len(oxford_dir.expected_reasons)
     lines = report.format().splitlines()
-    assert lines[0] == f"ingest: read {report.read}, written {len(oxford_dir.accepted)}, rejected {len(expected)}"
+    assert lines[0] == f"ingest: read {report.read}, written {len(oxford_dir.accepted)}, rejected {len(oxford_dir.expected_reasons)}"
     assert any(re.fullmatch(r"\s*rejected mask_missing\s+1", line) for line in lines)
 
 

@@ -12,6 +12,7 @@ images into training.
 
 from __future__ import annotations
 
+import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -19,17 +20,22 @@ from petseg.sources import PAIRS_SCHEMA, InputError
 from petseg.storage import Storage
 
 #: Image files are matched by extension only to find them; decoding goes by content.
-IMAGE_GLOB = "*.{jpg,jpeg,JPG,JPEG,png,PNG}"
-TRIMAP_GLOB = "*.{png,PNG}"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "JPG", "JPEG", "png", "PNG")
+TRIMAP_EXTENSIONS = ("png", "PNG")
+IMAGE_GLOB = "*.{" + ",".join(IMAGE_EXTENSIONS) + "}"
+TRIMAP_GLOB = "*.{" + ",".join(TRIMAP_EXTENSIONS) + "}"
 #: List file -> split name (TFDS and the reference notebook call trainval "train").
 SPLIT_LISTS = {"train": "annotations/trainval.txt", "test": "annotations/test.txt"}
 
-# The stem is the file name without its extension; Spark already skips hidden files such as the
-# release's "._Abyssinian_1.png" AppleDouble entries.
-_STEM = F.regexp_extract("path", r"([^/]+)\.[A-Za-z0-9]+$", 1)
 
 
-def load_oxford(spark: SparkSession, *, root: str, partitions: int | None = None) -> DataFrame:
+def _stem(path: str = "path") -> F.Column:
+    """The file name without its extension (Spark's listing already skips hidden files such as the
+    release's "._Abyssinian_1.png" AppleDouble entries)."""
+    return F.regexp_extract(path, r"([^/]+)\.[A-Za-z0-9]+$", 1)
+
+
+def load_oxford(spark: SparkSession, *, root: str, partitions: int) -> DataFrame:
     """Pair the release's images with their trimaps and splits.
 
     Parameters
@@ -37,7 +43,8 @@ def load_oxford(spark: SparkSession, *, root: str, partitions: int | None = None
     root
         URL of the folder that holds ``images/`` and ``annotations/``.
     partitions
-        Repartition the pairs to this many tasks; None keeps binaryFile's size-based split.
+        Decode in this many tasks. binaryFile splits by bytes into many small tasks; merging them
+        (a narrow coalesce, no shuffle) saves the fixed cost of each Python task.
 
     Raises
     ------
@@ -53,106 +60,101 @@ def load_oxford(spark: SparkSession, *, root: str, partitions: int | None = None
             f"data.input={root!r} is not an Oxford-IIIT Pet folder: {', '.join(missing)} not found. Point "
             "data.input at the folder where images.tar.gz and annotations.tar.gz were unpacked"
         )
-    lists = {split: f"{root}/{rel}" for split, rel in SPLIT_LISTS.items() if storage.exists(f"{root}/{rel}")}
-    if not lists:
+    list_urls = {split: f"{root}/{rel}" for split, rel in SPLIT_LISTS.items() if storage.exists(f"{root}/{rel}")}
+    if not list_urls:
         raise InputError(
             f"no split lists under {root}/annotations: expected trainval.txt and/or test.txt from annotations.tar.gz"
         )
 
-    images = _binary_files(spark, images_url, IMAGE_GLOB).select(
-        _STEM.alias("id"), "path", F.col("content").alias("image")
-    )
-    if images.select("path").limit(1).count() == 0:
-        raise InputError(f"{images_url} holds no image files ({IMAGE_GLOB}); is data.input the right folder?")
-    trimaps = _binary_files(spark, trimaps_url, TRIMAP_GLOB).select(
-        _STEM.alias("id"), F.col("path").alias("mask_path"), F.col("content").alias("mask")
-    )
-    listed = _read_lists(spark, lists)
+    # File names only (binaryFile reads no content for these), gathered on the driver: ~7,400 short rows.
+    images = _binary_files(spark, images_url, IMAGE_GLOB)
+    trimaps = _binary_files(spark, trimaps_url, TRIMAP_GLOB)
+    image_ids = {r.id for r in images.select(_stem().alias("id")).collect()}
+    trimap_ids = {r.id for r in trimaps.select(_stem().alias("id")).collect()}
+    listed = _read_lists(spark, list_urls)
 
-    paired = images.join(F.broadcast(trimaps), "id", "left").join(F.broadcast(listed), "id", "left")
+    # Zero-length files are invisible to Spark's file listing (SPARK-26161, SPARK-27291), yet an empty
+    # image is bad input to report, not to lose. Look for them only where a file was expected.
+    empty_images = _empty_files(storage, images_url, (set(listed) | trimap_ids) - image_ids, IMAGE_EXTENSIONS)
+    empty_trimaps = _empty_files(storage, trimaps_url, (set(listed) | image_ids) - trimap_ids, TRIMAP_EXTENSIONS)
+    image_ids |= set(empty_images)
+    trimap_ids |= set(empty_trimaps)
+    if not image_ids:
+        raise InputError(f"{images_url} holds no image files ({IMAGE_GLOB}); is data.input the right folder?")
+
+    image_rows = images.select(_stem().alias("id"), "path", F.col("content").alias("image"))
+    if empty_images:
+        image_rows = image_rows.unionByName(_local(spark, {"id": list(empty_images), "path": list(empty_images.values()),
+                                                           "image": [b""] * len(empty_images)}, "id string, path string, image binary"))
+    mask_rows = trimaps.select(_stem().alias("id"), F.col("content").alias("mask"))
+    if empty_trimaps:
+        mask_rows = mask_rows.unionByName(_local(spark, {"id": list(empty_trimaps), "mask": [b""] * len(empty_trimaps)},
+                                                 "id string, mask binary"))
+    split_rows = _local(
+        spark,
+        {
+            "id": list(listed),
+            "split": [split if n == 1 else None for split, _, n in listed.values()],
+            "n_lists": [n for _, _, n in listed.values()],
+        },
+        "id string, split string, n_lists int",
+    )
+
+    # The large side (images) stays in its scan partitions; trimaps and lists are broadcast to it.
+    paired = image_rows.coalesce(partitions).join(F.broadcast(mask_rows), "id", "left").join(F.broadcast(split_rows), "id", "left")
     reason = (
         F.when(F.col("mask").isNull(), F.lit("mask_missing"))
         .when(F.col("n_lists") > 1, F.lit("in_both_split_lists"))
         .when(F.col("split").isNull(), F.lit("not_in_split_lists"))
     )
     detail = (
-        F.when(F.col("mask").isNull(), F.concat(F.lit("no trimap "), F.col("id"), F.lit(".png in "), F.lit(trimaps_url)))
+        F.when(F.col("mask").isNull(), F.concat(F.lit("no trimap "), F.col("id"), F.lit(f".png in {trimaps_url}")))
         .when(F.col("n_lists") > 1, F.lit("listed in both trainval.txt and test.txt; keep it in one"))
         .when(F.col("split").isNull(), F.lit("listed in neither trainval.txt nor test.txt"))
     )
-    pairs = paired.select(
-        "id",
-        F.when(F.col("n_lists") > 1, F.lit(None)).otherwise(F.col("split")).alias("split"),
-        "path",
-        "image",
-        "mask",
-        reason.alias("reason"),
-        detail.alias("detail"),
-    )
-    if partitions:
-        pairs = pairs.repartition(partitions)
+    pairs = paired.select("id", "split", "path", "image", "mask", reason.alias("reason"), detail.alias("detail"))
 
     # Trimaps without an image, and listed stems with no file at all, are reported too: nothing is lost.
-    image_ids = images.select("id")
-    orphans = trimaps.join(image_ids, "id", "left_anti").select(
-        "id",
-        F.lit(None).cast("string").alias("split"),
-        F.col("mask_path").alias("path"),
-        F.lit(None).cast("binary").alias("image"),
-        F.lit(None).cast("binary").alias("mask"),
-        F.lit("image_missing").alias("reason"),
-        F.concat(F.lit("trimap has no image "), F.col("id"), F.lit(".* in "), F.lit(images_url)).alias("detail"),
-    )
-    ghosts = (
-        listed.join(image_ids, "id", "left_anti")
-        .join(trimaps.select("id"), "id", "left_anti")
-        .select(
-            "id",
-            "split",
-            F.col("list_path").alias("path"),
-            F.lit(None).cast("binary").alias("image"),
-            F.lit(None).cast("binary").alias("mask"),
-            F.lit("listed_files_missing").alias("reason"),
-            F.lit("listed, but neither image nor trimap exists").alias("detail"),
-        )
-    )
-    return pairs.unionByName(orphans).unionByName(ghosts).select([f.name for f in PAIRS_SCHEMA.fields])
+    unpaired = [
+        (stem, None, f"{trimaps_url}/{stem}.png", "image_missing", f"trimap has no image {stem}.* in {images_url}")
+        for stem in sorted(trimap_ids - image_ids)
+    ] + [
+        (stem, listed[stem][0], listed[stem][1], "listed_files_missing", "listed, but neither image nor trimap exists")
+        for stem in sorted(set(listed) - image_ids - trimap_ids)
+    ]
+    if unpaired:
+        columns = ["id", "split", "path", "reason", "detail"]
+        extra = _local(spark, {c: [row[i] for row in unpaired] for i, c in enumerate(columns)},
+                       ", ".join(f"{c} string" for c in columns))
+        pairs = pairs.unionByName(extra, allowMissingColumns=True)
+    return pairs.select([f.name for f in PAIRS_SCHEMA.fields])
 
 
 def _binary_files(spark: SparkSession, url: str, glob: str) -> DataFrame:
-    """(path, content) of every file matching ``glob`` under ``url``, zero-length files included."""
-    files = spark.read.format("binaryFile").option("pathGlobFilter", glob).load(url).select("path", "content")
-    return files.unionByName(_empty_files(spark, url, glob))
+    return spark.read.format("binaryFile").option("pathGlobFilter", glob).load(url)
 
 
-def _empty_files(spark: SparkSession, url: str, glob: str) -> DataFrame:
-    """Zero-length files, which Spark's file sources drop while listing (SPARK-26161, SPARK-27291).
-
-    An empty image or trimap is bad input that must reach the rejects table, not vanish; this
-    driver-side listing finds them so they can be added back with empty content.
-    """
-    hidden = ("_", ".")  # the same names Spark's listing ignores
-    empty = [
-        (path, bytearray())
-        for path, length in Storage(spark).glob(url, glob)
-        if length == 0 and not path.rsplit("/", 1)[-1].startswith(hidden)
-    ]
-    return spark.createDataFrame(empty, "path string, content binary")
+def _local(spark: SparkSession, columns: dict[str, list], schema: str) -> DataFrame:
+    """A small driver-side table; built from pandas through Arrow, so no Python task has to serve it."""
+    return spark.createDataFrame(pd.DataFrame(columns), schema)
 
 
-def _read_lists(spark: SparkSession, lists: dict[str, str]) -> DataFrame:
-    """(id, split, list_path, n_lists) from the release's list files; '#' lines are comments."""
-    frames = []
+def _empty_files(storage: Storage, url: str, stems: set[str], extensions: tuple[str, ...]) -> dict[str, str]:
+    """stem -> path of zero-length files named ``<stem>.<ext>`` under ``url``, for the given stems."""
+    found: dict[str, str] = {}
+    for stem in sorted(stems):
+        for path, length in storage.glob(url, f"{stem}.*"):
+            if length == 0 and path.rsplit(".", 1)[-1] in extensions:
+                found[stem] = path
+    return found
+
+
+def _read_lists(spark: SparkSession, lists: dict[str, str]) -> dict[str, tuple[str, str, int]]:
+    """id -> (split, list path, number of lists naming it), from the release's list files; '#' starts a comment."""
+    found: dict[str, list[tuple[str, str]]] = {}
     for split, url in lists.items():
-        lines = spark.read.text(url).select(F.trim("value").alias("line"))
-        frames.append(
-            lines.where((F.length("line") > 0) & ~F.col("line").startswith("#")).select(
-                F.split("line", r"\s+").getItem(0).alias("id"), F.lit(split).alias("split"), F.lit(url).alias("list_path")
-            )
-        )
-    union = frames[0]
-    for frame in frames[1:]:
-        union = union.unionByName(frame)
-    return union.groupBy("id").agg(
-        F.min("split").alias("split"), F.min("list_path").alias("list_path"), F.countDistinct("split").alias("n_lists")
-    )
+        for row in spark.read.text(url).collect():
+            line = row.value.strip()
+            if line and not line.startswith("#"):
+                found.setdefault(line.split()[0], []).append((split, url))
+    return {stem: (entries[0][0], entries[0][1], len({s for s, _ in entries})) for stem, entries in found.items()}
