@@ -28,7 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if invocation.job in ("ingest", "demo"):
             from petseg.ingest import run_ingest
 
-            print(run_ingest(spark, data=cfg.data).format())
+            print(run_ingest(spark, data=cfg.data).format(), flush=True)
+        if invocation.job in ("train", "demo"):
+            from petseg.train import run_train
+
+            print(run_train(spark, cfg=cfg).format(), flush=True)
     except InputError as exc:
         print(f"petseg {invocation.job}: {exc}", file=sys.stderr)
         return 1

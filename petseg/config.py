@@ -72,17 +72,57 @@ class DataConfig:
     partitions: Optional[int] = MISSING
 
 
+class Precision(str, enum.Enum):
+    float32 = "float32"
+    mixed_float16 = "mixed_float16"
+    mixed_bfloat16 = "mixed_bfloat16"
+
+
+@dataclass
+class ModelConfig:
+    n_depth: int = MISSING
+    #: imagenet | none | a local .h5 path
+    encoder_weights: str = MISSING
+    #: auto | true | false
+    freeze_encoder: str = MISSING
+    #: auto | true | false (auto: the VGG16-BN variant when training from scratch)
+    encoder_batch_norm: str = MISSING
+    mixed_precision: Precision = MISSING
+    jit_compile: bool = MISSING
+    dice_weight: float = MISSING
+
+
+@dataclass
+class TrainConfig:
+    num_slots: int = MISSING
+    use_gpu: bool = MISSING
+    local_mode: bool = MISSING
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    learning_rate: float = MISSING
+    warmup_epochs: float = MISSING
+    output_dir: Optional[str] = MISSING
+    seed: int = MISSING
+    shuffle_buffer: int = MISSING
+    preview_images: int = MISSING
+    stop_after_epoch: Optional[int] = MISSING
+
+
 @dataclass
 class Config:
     spark: SparkConfig = field(default_factory=SparkConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 class ConfigError(ValueError):
     """A configuration that petseg cannot run; the message names the key, the value and the fix."""
 
 
-def load(*, conf_files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = ()) -> Config:
+def load(
+    *, conf_files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = (), job: str = "ingest"
+) -> Config:
     """Build and validate a :class:`Config` from base.yaml, overlay files and dotted overrides.
 
     Parameters
@@ -109,14 +149,30 @@ def load(*, conf_files: Sequence[str | os.PathLike] = (), overrides: Sequence[st
     except OmegaConfBaseException as exc:
         raise _explain(exc) from None
     assert isinstance(cfg, Config)
-    validate(cfg)
+    validate(cfg, job=job)
     return cfg
 
 
-def validate(cfg: Config) -> None:
+#: Which config sections each job reads, so that e.g. ``petseg train`` needs no ingest input.
+JOB_SECTIONS = {"ingest": ("data",), "train": ("model", "train"), "demo": ("data", "model", "train")}
+
+
+def validate(cfg: Config, *, job: str = "ingest") -> None:
     """Check values that types alone cannot; raise :class:`ConfigError` naming the key and the fix."""
+    sections = JOB_SECTIONS.get(job, ("data", "model", "train"))
+    _require(bool(cfg.data.dataset), "data.dataset", cfg.data.dataset, "a dataset URL such as file:///tmp/pets")
+    cfg.data.dataset = normalize_url(cfg.data.dataset, key="data.dataset")
+    _require(cfg.data.image_size >= 8, "data.image_size", cfg.data.image_size, "an integer >= 8 (the recipe uses 128)")
+    if "data" in sections:
+        _validate_data(cfg)
+    if "model" in sections:
+        _validate_model(cfg)
+    if "train" in sections:
+        _validate_train(cfg)
+
+
+def _validate_data(cfg: Config) -> None:
     d = cfg.data
-    _require(d.image_size >= 8, "data.image_size", d.image_size, "an integer >= 8 (the recipe uses 128)")
     _require(d.rowgroup_size_mb >= 1, "data.rowgroup_size_mb", d.rowgroup_size_mb, "an integer >= 1")
     _require(
         d.min_row_groups_per_split >= 1, "data.min_row_groups_per_split", d.min_row_groups_per_split, "an integer >= 1"
@@ -137,11 +193,50 @@ def validate(cfg: Config) -> None:
             d.input,
             "the Oxford-IIIT Pet folder (source=oxford) or a TFDS data_dir (source=tfds)",
         )
-    _require(bool(d.dataset), "data.dataset", d.dataset, "an output URL such as file:///tmp/pets")
-    d.dataset = normalize_url(d.dataset, key="data.dataset")
     d.rejects = normalize_url(d.rejects, key="data.rejects") if d.rejects else d.dataset.rstrip("/") + "_rejects"
     if d.input and d.source is Source.oxford:
         d.input = normalize_url(d.input, key="data.input")
+
+
+def _validate_model(cfg: Config) -> None:
+    m = cfg.model
+    for key in ("freeze_encoder", "encoder_batch_norm"):
+        value = str(getattr(m, key)).lower()
+        _require(value in ("auto", "true", "false"), f"model.{key}", getattr(m, key), "auto, true or false")
+        setattr(m, key, value)
+    _require(m.dice_weight >= 0, "model.dice_weight", m.dice_weight, "a number >= 0 (0 = cross-entropy only)")
+    from petseg.model.unet import validate_unet_args  # no TensorFlow import
+
+    try:
+        validate_unet_args(image_size=cfg.data.image_size, n_depth=m.n_depth, encoder_weights=m.encoder_weights)
+    except ValueError as exc:
+        raise ConfigError(f"model/data config: {exc}") from None
+
+
+def _validate_train(cfg: Config) -> None:
+    t = cfg.train
+    _require(t.num_slots >= 1, "train.num_slots", t.num_slots, "an integer >= 1 (workers, or GPUs with use_gpu)")
+    _require(t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1")
+    _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "a positive number such as 1e-3")
+    _require(t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, "a number >= 0")
+    _require(t.shuffle_buffer >= 1, "train.shuffle_buffer", t.shuffle_buffer, "an integer >= 1")
+    _require(t.preview_images >= 0, "train.preview_images", t.preview_images, "an integer >= 0")
+    workers = 1 if t.local_mode else t.num_slots
+    _require(
+        t.batch_size >= workers and t.batch_size % workers == 0,
+        "train.batch_size",
+        t.batch_size,
+        f"a multiple of the {workers} worker(s) (train.batch_size is global; each worker gets batch_size / workers),"
+        f" e.g. {max(workers, (t.batch_size // workers) * workers) or workers}",
+    )
+    _require(
+        t.stop_after_epoch is None or 1 <= t.stop_after_epoch <= t.epochs,
+        "train.stop_after_epoch",
+        t.stop_after_epoch,
+        f"null or an epoch between 1 and train.epochs={t.epochs}",
+    )
+    _require(bool(t.output_dir), "train.output_dir", t.output_dir, "a folder URL or path for the run's outputs")
+    t.output_dir = normalize_url(t.output_dir, key="train.output_dir")
 
 
 def normalize_url(url: str, *, key: str) -> str:
@@ -175,7 +270,7 @@ def to_yaml(cfg: Config) -> str:
 
 # --------------------------------------------------------------------------- command line and environment
 
-JOBS = ("ingest", "demo")
+JOBS = ("ingest", "train", "demo")
 
 
 @dataclass(frozen=True)
@@ -196,10 +291,10 @@ def parse_command_line(argv: Sequence[str] | None = None, *, jobs: Sequence[str]
     job, rest = args[0], args[1:]
     if job not in jobs:
         raise ConfigError(f"unknown job {job!r}; choose one of {', '.join(jobs)}. {usage}")
-    return Invocation(job=job, config=parse_job_arguments(rest, local=(job == "demo")))
+    return Invocation(job=job, config=parse_job_arguments(rest, local=(job == "demo"), job=job))
 
 
-def parse_job_arguments(args: Sequence[str], *, local: bool = False) -> Config:
+def parse_job_arguments(args: Sequence[str], *, local: bool = False, job: str = "ingest") -> Config:
     """Parse ``[--conf FILE ...] [key=value ...]`` as the jobs/ entry points receive them."""
     conf_files: list[str] = [str(LOCAL_CONF)] if local else []
     overrides: list[str] = []
@@ -216,7 +311,17 @@ def parse_job_arguments(args: Sequence[str], *, local: bool = False) -> Config:
             raise ConfigError(f"unknown option {arg!r}; options are --conf FILE, then key=value overrides")
         else:
             overrides.append(arg)
-    return load(conf_files=conf_files, overrides=overrides)
+    return load(conf_files=conf_files, overrides=overrides, job=job)
+
+
+def training_process_environment(*, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for an isolated training process: this one's (TF_CONFIG and CUDA_VISIBLE_DEVICES
+    from the runner included), with tf-keras selected."""
+    env = dict(os.environ)
+    env[LEGACY_KERAS_ENV] = "1"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO/WARNING lines would bury the epochs
+    env.update(extra or {})
+    return env
 
 
 def prepare_process_environment(*, master: str | None) -> None:

@@ -80,16 +80,25 @@ def make_tf_dataset(reader: Reader) -> "tf.data.Dataset":
     )
 
 
-def row_groups_per_split(dataset_url: str) -> dict[str, int]:
-    """Count the Parquet row groups in each split folder, from file footers (no pixel data is read)."""
+def split_stats(dataset_url: str) -> dict[str, tuple[int, int]]:
+    """``split -> (rows, row groups)`` from the Parquet file footers (no pixel data is read)."""
     from pyarrow import fs as pafs
 
     filesystem, root = pafs.FileSystem.from_uri(dataset_url)
-    counts: Counter[str] = Counter()
+    rows: Counter[str] = Counter()
+    groups: Counter[str] = Counter()
     for info in filesystem.get_file_info(pafs.FileSelector(root, recursive=True)):
         folder, name = posixpath.split(info.path)
         partition = posixpath.basename(folder)
         if info.is_file and name.endswith(".parquet") and partition.startswith(f"{SPLIT}="):
+            split = partition.split("=", 1)[1]
             with filesystem.open_input_file(info.path) as f:
-                counts[partition.split("=", 1)[1]] += pq.ParquetFile(f).metadata.num_row_groups
-    return dict(counts)
+                meta = pq.ParquetFile(f).metadata
+            rows[split] += meta.num_rows
+            groups[split] += meta.num_row_groups
+    return {split: (rows[split], groups[split]) for split in rows}
+
+
+def row_groups_per_split(dataset_url: str) -> dict[str, int]:
+    """Count the Parquet row groups in each split folder."""
+    return {split: groups for split, (_, groups) in split_stats(dataset_url).items()}

@@ -60,7 +60,7 @@ def test_url_normalisation():
 def test_command_line():
     inv = config.parse_command_line(["ingest", "--conf", str(config.LOCAL_CONF), "data.synthetic_count=10"])
     assert inv.job == "ingest" and inv.config.data.synthetic_count == 10
-    with pytest.raises(ConfigError, match="unknown job 'trian'; choose one of ingest, demo"):
+    with pytest.raises(ConfigError, match="unknown job 'trian'; choose one of ingest, train, demo"):
         config.parse_command_line(["trian"])
     with pytest.raises(ConfigError, match="unknown option '--verbose'"):
         config.parse_command_line(["demo", "--verbose"])

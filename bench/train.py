@@ -1,0 +1,130 @@
+"""Training throughput: the runner with one worker, plain model.fit, and the Petastorm reader alone. Prints JSON.
+
+All three use the same ingested synthetic dataset. The runner and the plain fit train the same model
+with the same batch and image size, each in one TensorFlow process; the runner's figure is its
+second epoch (the first includes start-up), and the plain fit's is its second epoch too.
+
+    python bench/train.py [--count 512] [key=value ...]      (defaults: conf/local.yaml, the demo's model)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+from petseg import config
+
+PLAIN_FIT = textwrap.dedent(
+    """
+    import json, sys, time
+    import numpy as np
+    from petseg.model import build_unet, keras_module, make_optimizer, preprocess, preprocessing_for
+    from petseg.model import segmentation_loss, segmentation_metrics
+    from petseg.reader import open_split
+    import tensorflow as tf
+
+    spec = json.loads(sys.argv[1])
+    keras_module()
+    with open_split(spec["dataset"], split="train", fields=("image", "mask"), workers_count=1) as reader:
+        rows = list(reader)
+    images = np.stack([r.image for r in rows]); masks = np.stack([r.mask for r in rows]).astype("int32")
+    prep = preprocessing_for(spec["encoder_weights"])
+    ds = (tf.data.Dataset.from_tensor_slices((images, masks)).cache().shuffle(1000).repeat()
+          .map(lambda i, m: (preprocess(i, prep), m)).batch(spec["batch"], drop_remainder=True)
+          .prefetch(tf.data.AUTOTUNE))
+    steps = len(rows) // spec["batch"]
+    model = build_unet(image_size=spec["size"], n_depth=spec["n_depth"], encoder_weights=spec["encoder_weights"])
+    model.compile(optimizer=make_optimizer(learning_rate=1e-3, warmup_steps=steps, total_steps=2 * steps),
+                  loss=segmentation_loss(), metrics=segmentation_metrics())
+    times = []
+    class Timer(tf.keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None): self.t = time.perf_counter()
+        def on_epoch_end(self, epoch, logs=None): times.append(time.perf_counter() - self.t)
+    model.fit(ds, epochs=2, steps_per_epoch=steps, callbacks=[Timer()], verbose=0)
+    print("RESULT " + json.dumps({"images_per_s": steps * spec["batch"] / times[-1]}))
+    """
+)
+
+
+def reader_rate(dataset: str, *, batch: int) -> dict[str, float]:
+    """Images/s of make_reader iterated in Python, and of the batched tf.data pipeline training uses."""
+    from petseg.reader import make_tf_dataset, open_split
+
+    with open_split(dataset, split="train", fields=("image", "mask"), workers_count=1) as reader:
+        start = time.perf_counter()
+        n = sum(1 for _ in reader)
+        python_rate = n / (time.perf_counter() - start)
+    with open_split(dataset, split="train", fields=("image", "mask"), workers_count=1) as reader:
+        start, n = time.perf_counter(), 0
+        for images, _ in make_tf_dataset(reader).batch(batch):
+            n += int(images.shape[0])
+        tf_rate = n / (time.perf_counter() - start)
+    return {"reader_python_images_per_s": round(python_rate, 1), "reader_tf_data_images_per_s": round(tf_rate, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=512, help="synthetic pets to ingest (80% train)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    config.prepare_process_environment(master="local[2]")  # TF_USE_LEGACY_KERAS before any TensorFlow import
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = config.parse_job_arguments(
+            [f"data.dataset={Path(tmp) / 'pets'}", f"train.output_dir={Path(tmp) / 'run'}",
+             f"data.synthetic_count={args.count}", "spark.master=local[2]", "train.num_slots=1", "train.epochs=2",
+             "train.preview_images=0", *args.overrides],
+            local=True, job="demo",
+        )
+        from petseg.ingest import run_ingest
+        from petseg.session import get_or_create
+        from petseg.train import run_train
+
+        spark = get_or_create(cfg.spark)
+        spark.sparkContext.setLogLevel("ERROR")
+        run_ingest(spark, data=cfg.data)
+        result = run_train(spark, cfg=cfg)
+        last = result.history[-1]
+        runner_rate = _epoch_rate(result, cfg)
+        spark.stop()
+
+        spec = {"dataset": cfg.data.dataset, "size": cfg.data.image_size, "n_depth": cfg.model.n_depth,
+                "encoder_weights": cfg.model.encoder_weights, "batch": cfg.train.batch_size}
+        done = subprocess.run([sys.executable, "-c", PLAIN_FIT, json.dumps(spec)], capture_output=True, text=True,
+                              env=config.training_process_environment())
+        if done.returncode:
+            raise SystemExit(done.stderr[-3000:])
+        plain_rate = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[7:])["images_per_s"]
+        rates = reader_rate(cfg.data.dataset, batch=cfg.train.batch_size)
+
+    print(json.dumps({
+        "bench": "train",
+        "image_size": cfg.data.image_size, "n_depth": cfg.model.n_depth, "global_batch": cfg.train.batch_size,
+        "encoder_weights": cfg.model.encoder_weights, "cpu_cores": os.cpu_count(),
+        "runner_1_worker_images_per_s": round(runner_rate, 1),
+        "plain_fit_images_per_s": round(plain_rate, 1),
+        "ratio_runner_to_plain": round(runner_rate / plain_rate, 2),
+        **rates,
+        "goal_ratio": 0.9, "goal_reader_images_per_s_per_core": 2000,
+        "last_epoch": last,
+    }))
+
+
+def _epoch_rate(result, cfg) -> float:
+    """Images/s of the runner's last epoch: steps x global batch over its training time (validation excluded)."""
+    from petseg.reader import split_stats
+
+    train_rows = split_stats(cfg.data.dataset)["train"][0]
+    steps = max(1, train_rows // cfg.train.batch_size)
+    return steps * cfg.train.batch_size / result.history[-1]["train_seconds"]
+
+
+if __name__ == "__main__":
+    main()

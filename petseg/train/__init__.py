@@ -1,0 +1,5 @@
+"""Stage 2: multi-worker training of the U-Net across Spark executors."""
+
+from petseg.train.job import TrainError, TrainResult, run_train
+
+__all__ = ["TrainError", "TrainResult", "run_train"]

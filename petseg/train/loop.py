@@ -1,0 +1,225 @@
+"""The training process of one worker: its data shard, the U-Net under MultiWorkerMirroredStrategy, fit, outputs.
+
+It runs in a process of its own (see :mod:`petseg.train.task`), started with TF_CONFIG set by the
+runner, and reads everything else from a JSON job file. Only the chief (worker 0) writes final
+outputs; the others save to throwaway folders, as TensorFlow's multi-worker guide requires.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+#: Prefix of lines the task forwards to the driver as progress.
+PROGRESS_PREFIX = "petseg-progress "
+
+
+class StoppedAfterEpoch(RuntimeError):
+    """Raised by train.stop_after_epoch, after the epoch's backup is written, to simulate a failure."""
+
+
+def local_path(url: str) -> Path:
+    """A file:// URL (or plain path) as a local path TensorFlow's file APIs can open."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("", "file"):
+        raise ValueError(
+            f"train.output_dir={url!r}: training writes through the local file system; use a local path, "
+            "a shared mount (NFS, /dbfs, /Volumes) or file:// URL"
+        )
+    return Path(parsed.path if parsed.scheme else url)
+
+
+def progress(message: str, **fields: Any) -> None:
+    """Print a progress line; the task forwards it to the driver's console while training runs."""
+    print(PROGRESS_PREFIX + json.dumps({"message": message, **fields}), flush=True)
+
+
+def main(job_file: str) -> None:
+    """Entry point of the training process: run :func:`train` on a job file, write its result next to it."""
+    import warnings
+
+    # petastorm 0.13.1 calls pyarrow's legacy dataset API, deprecated but working on pyarrow 14.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="petastorm")
+    warnings.filterwarnings("ignore", message="Tensorflow will convert all unicode strings", category=UnicodeWarning)
+    spec = json.loads(Path(job_file).read_text())
+    result = train(spec)
+    Path(spec["result_file"]).write_text(json.dumps(result))
+
+
+def train(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train on this worker's shard; return the history and, on the chief, the output paths."""
+    import tensorflow as tf
+
+    from petseg.model import (
+        build_unet,
+        keras_module,
+        make_optimizer,
+        preprocessing_for,
+        segmentation_loss,
+        segmentation_metrics,
+    )
+    from petseg.reader import open_split
+    from petseg.train.data import make_dataset
+
+    keras_module()  # Keras 3 fails under MultiWorkerMirroredStrategy: insist on tf-keras
+    data, model_cfg, train_cfg = spec["config"]["data"], spec["config"]["model"], spec["config"]["train"]
+    rank, workers = spec["rank"], spec["workers"]
+    chief = rank == 0
+    output_dir = local_path(train_cfg["output_dir"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    tf.keras.utils.set_random_seed(train_cfg["seed"])
+    if model_cfg["mixed_precision"] != "float32":
+        tf.keras.mixed_precision.set_global_policy(model_cfg["mixed_precision"])
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+
+    global_batch = train_cfg["batch_size"]
+    steps_per_epoch = max(1, spec["train_rows"] // global_batch)
+    validation_steps = max(1, spec["test_rows"] // global_batch)
+    preprocessing = preprocessing_for(model_cfg["encoder_weights"])
+    seed = train_cfg["seed"] + rank
+    with open_split(data["dataset"], split="train", fields=("id",), shard=rank, shard_count=workers, workers_count=1) as r:
+        shard_ids = sorted(row.id for row in r)
+    progress(f"worker {rank + 1}/{workers} reads {len(shard_ids)} of {spec['train_rows']} train rows",
+             rank=rank, shard_ids=shard_ids)
+
+    with open_split(data["dataset"], split="train", fields=("image", "mask"), shard=rank, shard_count=workers,
+                    num_epochs=None, shuffle=True, seed=seed) as train_reader, \
+            open_split(data["dataset"], split="test", fields=("image", "mask"), shard=rank, shard_count=workers,
+                       num_epochs=None, shuffle=False) as val_reader:
+
+        def pipeline(reader, training: bool):
+            def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+                # One input pipeline per worker, and it is this worker's Petastorm shard.
+                assert ctx.num_input_pipelines == workers and ctx.input_pipeline_id == rank, (ctx.input_pipeline_id, rank)
+                return make_dataset(reader, batch_size=ctx.get_per_replica_batch_size(global_batch),
+                                    preprocessing=preprocessing, training=training,
+                                    shuffle_buffer=train_cfg["shuffle_buffer"], seed=seed)
+
+            return strategy.distribute_datasets_from_function(dataset_fn)
+
+        with strategy.scope():
+            model = build_unet(
+                image_size=data["image_size"],
+                n_depth=model_cfg["n_depth"],
+                encoder_weights=model_cfg["encoder_weights"],
+                freeze_encoder=_tristate(model_cfg["freeze_encoder"]),
+                encoder_batch_norm=_tristate(model_cfg["encoder_batch_norm"]),
+                seed=train_cfg["seed"],
+            )
+            model.compile(
+                optimizer=make_optimizer(
+                    learning_rate=train_cfg["learning_rate"],
+                    warmup_steps=int(train_cfg["warmup_epochs"] * steps_per_epoch),
+                    total_steps=train_cfg["epochs"] * steps_per_epoch,
+                ),
+                loss=segmentation_loss(dice_weight=model_cfg["dice_weight"]),
+                metrics=segmentation_metrics(),
+                jit_compile=model_cfg["jit_compile"],
+            )
+
+        history_file = output_dir / "history.jsonl"
+        # BackupAndRestore: every worker restores from the chief's backup; the others write theirs to
+        # temporary folders. A re-run, or Spark's retry of the barrier stage, resumes after the last epoch.
+        callbacks = _callbacks(chief=chief, epochs=train_cfg["epochs"], history_file=history_file,
+                               stop_after_epoch=train_cfg.get("stop_after_epoch"))
+        start = time.perf_counter()
+        model.fit(
+            pipeline(train_reader, True),
+            epochs=train_cfg["epochs"],
+            steps_per_epoch=steps_per_epoch,
+            validation_data=pipeline(val_reader, False),
+            validation_steps=validation_steps,
+            callbacks=callbacks,
+            verbose=0,
+        )
+        seconds = time.perf_counter() - start
+
+    history = _read_history(history_file)
+    # Saving runs collective ops: every worker must save, the chief to the real place.
+    model_dir = output_dir / "model" if chief else Path(tempfile.mkdtemp(prefix=f"petseg-worker{rank}-"))
+    model.save(str(model_dir), include_optimizer=False)
+    result: dict[str, Any] = {"rank": rank, "workers": workers, "history": history, "fit_seconds": round(seconds, 2),
+                              "steps_per_epoch": steps_per_epoch, "global_batch": global_batch}
+    if not chief:
+        shutil.rmtree(model_dir, ignore_errors=True)
+        return result
+
+    from petseg.train.outputs import write_outputs
+
+    result.update(write_outputs(output_dir=output_dir, spec=spec, history=history, preprocessing=preprocessing))
+    progress("training finished", model=str(model_dir), seconds=round(seconds, 1))
+    return result
+
+
+def _tristate(value: str) -> str | bool:
+    return {"true": True, "false": False}.get(str(value).lower(), "auto")
+
+
+def _read_history(path: Path) -> list[dict[str, Any]]:
+    """Epoch records, the last one per epoch (a resumed run may repeat an epoch that had not finished)."""
+    if not path.exists():
+        return []
+    by_epoch = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        by_epoch[record["epoch"]] = record
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _callbacks(*, chief: bool, epochs: int, history_file: Path, stop_after_epoch: int | None) -> list:
+    """petseg's Keras callbacks (defined here so that TensorFlow is imported only in the training process)."""
+    import tensorflow as tf
+
+    class EpochReporter(tf.keras.callbacks.Callback):
+        """The chief records each finished epoch to history.jsonl and sends it to the driver."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._started, self._train_seconds, self._first = 0.0, 0.0, True
+
+        def on_test_begin(self, logs: dict | None = None) -> None:
+            # fit runs validation through these callbacks: the training part of the epoch ends here.
+            self._train_seconds = time.perf_counter() - self._started
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self._started = time.perf_counter()
+            if self._first and chief and epoch > 0:
+                progress(f"resuming from the backup at epoch {epoch + 1}", epoch=epoch + 1)
+            self._first = False
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            if not chief:
+                return
+            metrics = {k: round(float(v), 5) for k, v in (logs or {}).items() if k != "lr"}
+            record = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - self._started, 2),
+                      "train_seconds": round(self._train_seconds, 2), **metrics}
+            with history_file.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            progress(f"epoch {epoch + 1}/{epochs} {shown}", **record)
+
+    class StopAfterEpoch(tf.keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            if epoch + 1 == stop_after_epoch:
+                raise StoppedAfterEpoch(
+                    f"stopped after epoch {stop_after_epoch} as configured (train.stop_after_epoch); "
+                    "re-run to resume from the backup"
+                )
+
+    # Order matters: the backup of an epoch is written before StopAfterEpoch can end the run.
+    callbacks = [tf.keras.callbacks.BackupAndRestore(backup_dir=str(history_file.parent / "backup")), EpochReporter()]
+    if stop_after_epoch:
+        callbacks.append(StopAfterEpoch())
+    return callbacks
+
+

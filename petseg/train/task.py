@@ -1,0 +1,63 @@
+"""The function MirroredStrategyRunner runs in each barrier task: one isolated training process per worker.
+
+Why a process of its own: Spark reuses Python workers, and TensorFlow configures collective ops once
+per process ("Collective ops must be configured at program startup"), so a second training run in a
+reused worker, or on the driver in local mode, would fail. A fresh process also gets a clean
+environment with TF_USE_LEGACY_KERAS=1 and the runner's TF_CONFIG and CUDA_VISIBLE_DEVICES. Spark's
+TorchDistributor launches torchrun the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from petseg import config
+from petseg.progress import ProgressClient
+from petseg.train.loop import PROGRESS_PREFIX
+
+
+def train_task(*, spec: dict[str, Any], progress_address: tuple[str, int] | None) -> dict[str, Any]:
+    """Run one worker's training in a fresh Python process and return its result.
+
+    Top-level and picklable: it is shipped to the executors by the runner. ``spec`` carries plain
+    data only (the config as a dict, the row counts); the worker's rank comes from the barrier task.
+    """
+    rank, workers = _rank_and_workers()
+    with tempfile.TemporaryDirectory(prefix="petseg-train-") as tmp:
+        job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_file.write_text(json.dumps({**spec, "rank": rank, "workers": workers, "result_file": str(result_file)}))
+        code = f"from petseg.train.loop import main; main({str(job_file)!r})"
+        client = ProgressClient(progress_address)
+        tail: deque[str] = deque(maxlen=40)
+        with subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=config.training_process_environment()) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                tail.append(line)
+                print(f"[petseg worker {rank}] {line}", file=sys.stderr, flush=True)  # the executor's log
+                if line.startswith(PROGRESS_PREFIX):
+                    client.send(line[len(PROGRESS_PREFIX):])
+        client.close()
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"training worker {rank} of {workers} exited with code {proc.returncode}; last output:\n"
+                + "\n".join(tail)
+            )
+        return json.loads(result_file.read_text())
+
+
+def _rank_and_workers() -> tuple[int, int]:
+    """(rank, workers) from the barrier task; (0, 1) when the runner calls this on the driver (local mode)."""
+    from pyspark import BarrierTaskContext, TaskContext
+
+    if TaskContext.get() is None:
+        return 0, 1
+    context = BarrierTaskContext.get()
+    return context.partitionId(), len(context.getTaskInfos())

@@ -1,0 +1,129 @@
+"""The training job: config checks, executors through the runner, progress, resume, two workers."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from petseg import config
+from petseg.config import ConfigError
+from petseg.ingest import run_ingest
+from petseg.reader import row_groups_per_split
+from petseg.train import TrainError, run_train
+
+TINY = ["data.image_size=32", "model.n_depth=2", "model.encoder_weights=none", "train.batch_size=8",
+        "train.epochs=2", "train.preview_images=2", "train.learning_rate=0.002"]
+
+
+def train_config(tmp_path: Path, dataset: str, *extra: str) -> config.Config:
+    return config.load(overrides=[f"data.dataset={dataset}", f"train.output_dir={tmp_path / 'run'}", *TINY, *extra],
+                       job="train")
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(spark, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train-data") / "pets"
+    data = config.load(overrides=["data.source=synthetic", f"data.dataset={out}", "data.synthetic_count=40",
+                                  "data.image_size=32", "data.min_row_groups_per_split=2"]).data
+    run_ingest(spark, data=data)
+    return data.dataset
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.batch_size=9", r"train.batch_size=9 is not allowed; use a multiple of the 2 worker"),
+        ("model.n_depth=4", r"image_size.*32.*n_depth=4|divisible"),
+        ("model.n_depth=6", r"n_depth"),
+        ("model.encoder_weights=/no/such/weights.h5", r"does not exist"),
+        ("train.stop_after_epoch=5", r"train.stop_after_epoch=5 is not allowed"),
+    ],
+)
+def test_bad_training_config_fails_before_spark(tmp_path, override, message):
+    overrides = [f"data.dataset={tmp_path}", f"train.output_dir={tmp_path}", "data.image_size=36", *TINY[1:], override]
+    if override.startswith("model.n_depth=4"):
+        overrides = [o for o in overrides if not o.startswith("data.image_size")] + ["data.image_size=36"]
+    with pytest.raises(ConfigError, match=message):
+        config.load(overrides=overrides, job="train")
+
+
+def test_train_on_executors_streams_progress_and_writes_outputs(spark, tiny_dataset, tmp_path):
+    cfg = train_config(tmp_path, tiny_dataset, "train.num_slots=1")
+    result = run_train(spark, cfg=cfg)
+    assert result.workers == 1 and [h["epoch"] for h in result.history] == [1, 2]
+    assert {"loss", "val_pixel_accuracy", "val_mean_iou", "val_iou_pet", "val_iou_background", "val_iou_border"} <= set(
+        result.history[-1]
+    )
+    messages = [r["message"] for r in result.progress]
+    assert any(m.startswith("epoch 1/2 ") for m in messages) and any(m.startswith("epoch 2/2 ") for m in messages)
+    run = tmp_path / "run"
+    meta = json.loads((run / "petseg-model.json").read_text())
+    assert meta["image_size"] == 32 and meta["classes"] == ["pet", "background", "border"]
+    assert meta["preprocessing"] == "unit_scale" and meta["n_depth"] == 2
+    assert meta["versions"]["tensorflow"].startswith("2.21")
+    assert json.loads((run / "history.json").read_text()) == result.history
+    for png in ("curves.png", "predictions.png"):
+        assert (run / png).read_bytes()[:4] == b"\x89PNG"
+    assert (run / "model" / "saved_model.pb").exists()
+
+
+def test_stop_and_resume_continues_at_the_next_epoch(spark, tiny_dataset, tmp_path):
+    first = train_config(tmp_path, tiny_dataset, "train.local_mode=true", "train.stop_after_epoch=1")
+    with pytest.raises(RuntimeError, match="stopped after epoch 1 as configured"):
+        run_train(spark, cfg=first)
+    assert [json.loads(l)["epoch"] for l in (tmp_path / "run" / "history.jsonl").read_text().splitlines()] == [1]
+    assert not (tmp_path / "run" / "model").exists()
+    resumed = run_train(spark, cfg=train_config(tmp_path, tiny_dataset, "train.local_mode=true"))
+    messages = [r["message"] for r in resumed.progress]
+    assert "resuming from the backup at epoch 2" in messages
+    assert not any(m.startswith("epoch 1/2") for m in messages)  # epoch 1 was not trained again
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+
+
+def test_too_few_row_groups_and_missing_gpu_confs_fail_with_the_fix(spark, tiny_dataset, tmp_path):
+    fewest = min(row_groups_per_split(tiny_dataset).values())
+    workers = fewest + 1
+    with pytest.raises(TrainError, match=rf"has {fewest} row group\(s\) but training uses {workers} workers.*"
+                                         rf"min_row_groups_per_split>={workers}"):
+        run_train(spark, cfg=train_config(tmp_path, tiny_dataset, f"train.num_slots={workers}",
+                                          f"train.batch_size={8 * workers}"))
+    with pytest.raises(TrainError, match=r"spark.executor.resource.gpu.amount, spark.task.resource.gpu.amount"):
+        run_train(spark, cfg=train_config(tmp_path, tiny_dataset, "train.num_slots=1", "train.use_gpu=true"))
+    with pytest.raises(TrainError, match="run `petseg ingest` first"):
+        run_train(spark, cfg=train_config(tmp_path, str(tmp_path / "nothing"), "train.num_slots=1"))
+
+
+TWO_WORKERS = textwrap.dedent(
+    """
+    import json, sys
+    from petseg import config
+    from petseg.session import get_or_create
+    from petseg.train import run_train
+    cfg = config.load(overrides=sys.argv[1:], job="train")
+    result = run_train(get_or_create(cfg.spark), cfg=cfg)
+    print("RESULT " + json.dumps({"workers": result.workers, "progress": result.progress, "history": result.history}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_workers_on_two_executor_processes(tiny_dataset, tmp_path):
+    """local-cluster[2,1,2048]: two executor JVMs, one barrier task each, MultiWorkerMirroredStrategy."""
+    args = [f"data.dataset={tiny_dataset}", f"train.output_dir={tmp_path / 'run'}", *TINY, "train.num_slots=2",
+            "spark.master=local-cluster[2,1,2048]", "train.epochs=1"]
+    env = {k: v for k, v in os.environ.items() if k != "PYSPARK_PYTHON"}
+    done = subprocess.run([sys.executable, "-c", TWO_WORKERS, *args], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+    assert result["workers"] == 2 and len(result["history"]) == 1
+    shards = {r["rank"]: set(r["shard_ids"]) for r in result["progress"] if "shard_ids" in r}
+    assert set(shards) == {0, 1}
+    assert shards[0] and shards[1] and not shards[0] & shards[1]  # each worker reads its own rows
+    assert len(shards[0] | shards[1]) == 32  # and together they cover the train split
+    saved = list((tmp_path / "run").rglob("saved_model.pb"))
+    assert saved == [tmp_path / "run" / "model" / "saved_model.pb"]  # exactly one exported model
