@@ -324,6 +324,11 @@ def training_process_environment(*, extra: dict[str, str] | None = None) -> dict
     return env
 
 
+def visible_gpus() -> str | None:
+    """CUDA_VISIBLE_DEVICES as the runner set it for this worker (None when unset)."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
 def prepare_process_environment(*, master: str | None) -> None:
     """Set the variables Spark and TensorFlow read at start-up, before either starts in this process.
 

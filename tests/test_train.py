@@ -103,18 +103,40 @@ TWO_WORKERS = textwrap.dedent(
     from petseg import config
     from petseg.session import get_or_create
     from petseg.train import run_train
-    cfg = config.load(overrides=sys.argv[1:], job="train")
+    cfg = config.parse_job_arguments(sys.argv[1:], job="train")
     result = run_train(get_or_create(cfg.spark), cfg=cfg)
     print("RESULT " + json.dumps({"workers": result.workers, "progress": result.progress, "history": result.history}))
     """
 )
 
 
+FAKE_GPU_DISCOVERY = '#!/usr/bin/env bash\necho \'{"name": "gpu", "addresses": ["0", "1"]}\'\n'
+
+
 @pytest.mark.slow
-def test_two_workers_on_two_executor_processes(tiny_dataset, tmp_path):
-    """local-cluster[2,1,2048]: two executor JVMs, one barrier task each, MultiWorkerMirroredStrategy."""
+@pytest.mark.parametrize("use_gpu", [False, True], ids=["cpu", "gpu-scheduling"])
+def test_two_workers_on_two_executor_processes(tiny_dataset, tmp_path, use_gpu):
+    """local-cluster[2,1,2048]: two executor JVMs, one barrier task each, MultiWorkerMirroredStrategy.
+
+    With use_gpu, Spark's GPU scheduling is real (a discovery script reports two fake GPUs per
+    worker, each task gets one); TensorFlow then finds no CUDA device and trains on the CPU.
+    """
     args = [f"data.dataset={tiny_dataset}", f"train.output_dir={tmp_path / 'run'}", *TINY, "train.num_slots=2",
-            "spark.master=local-cluster[2,1,2048]", "train.epochs=1"]
+            "spark.master=local-cluster[2,1,2048]", "train.epochs=1", f"train.use_gpu={str(use_gpu).lower()}"]
+    if use_gpu:
+        script = tmp_path / "fake_gpus.sh"
+        script.write_text(FAKE_GPU_DISCOVERY)
+        script.chmod(0o755)
+        gpu_conf = tmp_path / "gpu.yaml"
+        gpu_conf.write_text(
+            "spark:\n  conf:\n"
+            "    spark.worker.resource.gpu.amount: '1'\n"
+            f"    spark.worker.resource.gpu.discoveryScript: {script}\n"
+            f"    spark.executor.resource.gpu.discoveryScript: {script}\n"
+            "    spark.executor.resource.gpu.amount: '1'\n"
+            "    spark.task.resource.gpu.amount: '1'\n"
+        )
+        args += ["--conf", str(gpu_conf)]
     env = {k: v for k, v in os.environ.items() if k != "PYSPARK_PYTHON"}
     done = subprocess.run([sys.executable, "-c", TWO_WORKERS, *args], capture_output=True, text=True, env=env,
                           timeout=900)
@@ -122,6 +144,8 @@ def test_two_workers_on_two_executor_processes(tiny_dataset, tmp_path):
     result = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
     assert result["workers"] == 2 and len(result["history"]) == 1
     shards = {r["rank"]: set(r["shard_ids"]) for r in result["progress"] if "shard_ids" in r}
+    devices = {r["rank"]: r["cuda_visible_devices"] for r in result["progress"] if "shard_ids" in r}
+    assert devices == ({0: "0", 1: "0"} if use_gpu else {0: "", 1: ""})  # the runner's assignment per task
     assert set(shards) == {0, 1}
     assert shards[0] and shards[1] and not shards[0] & shards[1]  # each worker reads its own rows
     assert len(shards[0] | shards[1]) == 32  # and together they cover the train split

@@ -89,8 +89,11 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
     seed = train_cfg["seed"] + rank
     with open_split(data["dataset"], split="train", fields=("id",), shard=rank, shard_count=workers, workers_count=1) as r:
         shard_ids = sorted(row.id for row in r)
-    progress(f"worker {rank + 1}/{workers} reads {len(shard_ids)} of {spec['train_rows']} train rows",
-             rank=rank, shard_ids=shard_ids)
+    from petseg.config import visible_gpus
+
+    progress(f"worker {rank + 1}/{workers} reads {len(shard_ids)} of {spec['train_rows']} train rows"
+             f" (CUDA_VISIBLE_DEVICES={visible_gpus()!r}, {len(tf.config.list_physical_devices('GPU'))} GPUs visible)",
+             rank=rank, shard_ids=shard_ids, cuda_visible_devices=visible_gpus())
 
     with open_split(data["dataset"], split="train", fields=("image", "mask"), shard=rank, shard_count=workers,
                     num_epochs=None, shuffle=True, seed=seed) as train_reader, \
