@@ -151,3 +151,26 @@ def test_two_workers_on_two_executor_processes(tiny_dataset, tmp_path, use_gpu):
     assert len(shards[0] | shards[1]) == 32  # and together they cover the train split
     saved = list((tmp_path / "run").rglob("saved_model.pb"))
     assert saved == [tmp_path / "run" / "model" / "saved_model.pb"]  # exactly one exported model
+
+
+def test_mixed_precision_and_xla_options_train(spark, tiny_dataset, tmp_path):
+    cfg = train_config(tmp_path, tiny_dataset, "train.local_mode=true", "train.epochs=1", "train.preview_images=0",
+                       "model.mixed_precision=mixed_bfloat16", "model.jit_compile=true")
+    result = run_train(spark, cfg=cfg)
+    assert result.history[0]["loss"] > 0 and "val_pixel_accuracy" in result.final_metrics
+    meta = json.loads((tmp_path / "run" / "petseg-model.json").read_text())
+    assert meta["training"]["model"]["mixed_precision"] == "mixed_bfloat16"
+
+
+@pytest.mark.slow
+def test_demo_learns(tmp_path):
+    """The README's demo (conf/local.yaml) end to end: it must visibly learn, border class included."""
+    env = {k: v for k, v in os.environ.items() if k != "PYSPARK_PYTHON"}
+    cmd = [sys.executable, "-m", "petseg.cli", "demo", f"data.dataset={tmp_path / 'pets'}",
+           f"train.output_dir={tmp_path / 'run'}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
+    assert done.returncode == 0, done.stderr[-4000:]
+    final = json.loads((tmp_path / "run" / "history.json").read_text())[-1]
+    assert final["val_pixel_accuracy"] >= 0.90, final
+    assert min(final["val_iou_pet"], final["val_iou_background"], final["val_iou_border"]) > 0, final
+    assert "train: 20 epochs on 2 worker(s)" in done.stdout
