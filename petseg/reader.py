@@ -70,14 +70,35 @@ def open_split(
         yield reader
 
 
-def make_tf_dataset(reader: Reader) -> "tf.data.Dataset":
-    """``(image uint8 [H, W, 3], mask uint8 [H, W])`` pairs from a reader opened on image and mask."""
-    import tensorflow as tf
-    from petastorm.tf_utils import make_petastorm_dataset
+def make_tf_dataset(reader: Reader, *, chunk: int = 64) -> "tf.data.Dataset":
+    """``(image uint8 [H, W, 3], mask uint8 [H, W])`` pairs from a reader opened on image and mask.
 
-    return make_petastorm_dataset(reader).map(
-        lambda row: (row.image, row.mask), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
+    Rows are stacked into chunks in Python and unbatched by tf.data: TensorFlow's generator bridge
+    costs about a millisecond per element, so handing it one row at a time (as petastorm's
+    ``make_petastorm_dataset`` does) caps the pipeline far below what the reader itself delivers.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    image_shape = tuple(reader.schema.fields["image"].shape)
+    mask_shape = tuple(reader.schema.fields["mask"].shape)
+
+    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        images, masks = [], []
+        for row in reader:
+            images.append(row.image)
+            masks.append(row.mask)
+            if len(images) == chunk:
+                yield np.stack(images), np.stack(masks)
+                images, masks = [], []
+        if images:
+            yield np.stack(images), np.stack(masks)
+
+    signature = (
+        tf.TensorSpec((None, *image_shape), tf.uint8),
+        tf.TensorSpec((None, *mask_shape), tf.uint8),
     )
+    return tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
 
 
 def split_stats(dataset_url: str) -> dict[str, tuple[int, int]]:

@@ -35,11 +35,11 @@ def make_dataset(
     Batches are full (drop_remainder) so every worker takes the same number of equal steps.
     """
     import tensorflow as tf
-    from petastorm.tf_utils import make_petastorm_dataset
 
     from petseg.model.preprocessing import preprocess
+    from petseg.reader import make_tf_dataset
 
-    ds = make_petastorm_dataset(reader).map(lambda row: (row.image, row.mask), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = make_tf_dataset(reader)
     if training:
         ds = ds.shuffle(shuffle_buffer, seed=seed).map(lambda i, m: random_flip(i, m, seed=seed), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.map(lambda i, m: (preprocess(i, preprocessing), tf.cast(m, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
