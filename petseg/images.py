@@ -94,6 +94,16 @@ def decode_rgb(data: bytes | None, *, min_side: int | None = None) -> np.ndarray
     return _to_rgb(_open(data, "image"), min_side=min_side)
 
 
+def decode_for_model(data: bytes | None, *, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode by content and resize to ``size`` x ``size`` as ingest does; also return (height, width).
+
+    The original size comes from the header, so a reduced-scale JPEG decode does not change it.
+    """
+    img = _open(data, "image")
+    width, height = img.size
+    return resize_image(_to_rgb(img, min_side=size), size), (height, width)
+
+
 def decode_trimap(data: bytes | None) -> np.ndarray:
     """Decode an Oxford-IIIT trimap PNG into a (H, W) uint8 array of its stored values.
 
