@@ -49,3 +49,26 @@ def test_model_resolution_and_missing_models(run_dir, tmp_path):
         resolve_model(str(tmp_path / "missing"))
     with pytest.raises(InputError, match="is not a petseg model"):
         resolve_model(str(tmp_path))
+
+
+def test_spark_udf_equals_local_segmentation_and_keeps_bad_rows(spark, run_dir):
+    import cv2
+
+    from petseg.infer import segment_column
+
+    pets = [synthetic.render(i, seed=4, size=size) for i, size in enumerate([(64, 48), (40, 30), (100, 80)])]
+    rows = [(f"pet{i}", synthetic.encode_jpeg(p.image)) for i, p in enumerate(pets)] + [("empty", b""), ("junk", b"xx")]
+    df = spark.createDataFrame(rows, "key string, image binary").repartition(2)
+    out = df.select("key", segment_column("image", str(run_dir), batch_size=2, model_resolution=True).alias("s"))
+    got = {r["key"]: r["s"] for r in out.collect()}
+    assert got["empty"]["mask_png"] is None and got["empty"]["error"].startswith("image_empty")
+    assert got["junk"]["error"].startswith("image_undecodable")
+    local = segment_images(load_model(str(run_dir)), [data for _, data in rows[:3]], batch_size=8)
+    for i, (pet, seg) in enumerate(zip(pets, local)):
+        row = got[f"pet{i}"]
+        mask = cv2.imdecode(np.frombuffer(row["mask_png"], np.uint8), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == pet.image.shape[:2] and row["error"] is None
+        np.testing.assert_array_equal(mask, seg.mask)  # the UDF's masks are the local model's
+        model_mask = cv2.imdecode(np.frombuffer(row["mask_model_png"], np.uint8), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(model_mask, seg.mask_model)
+        assert abs(row["fraction_pet"] + row["fraction_background"] + row["fraction_border"] - 1) < 1e-9
