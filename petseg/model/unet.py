@@ -243,8 +243,10 @@ def build_unet(
     freeze_encoder
         "auto": frozen when pretrained, trainable when "none"; True/False force it.
     encoder_batch_norm
-        "auto": the VGG16-BN variant when ``encoder_weights="none"`` (plain VGG16 does not train
-        from scratch at this depth), plain VGG16 when pretrained; True/False force it.
+        "auto": the VGG16-BN variant when ``encoder_weights="none"`` (measured on synthetic pets,
+        32 px, n_depth 3: as accurate as plain VGG16 at lr 1e-3 and still converging at 3e-3 where
+        plain VGG16 fell behind), plain VGG16 when pretrained (its weights were trained without
+        BN); True/False force it.
     dropout
         Bottleneck dropout rate.
     seed
