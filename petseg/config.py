@@ -264,10 +264,6 @@ def to_dict(cfg: Config | Any) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # type: ignore[return-value]
 
 
-def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
 # --------------------------------------------------------------------------- command line and environment
 
 JOBS = ("ingest", "train", "demo")

@@ -36,13 +36,6 @@ class Storage:
         fs, path = self._path(url)
         return bool(fs.exists(path) and fs.getFileStatus(path).isDirectory())
 
-    def list_names(self, url: str) -> list[str]:
-        """Names of the entries directly under a folder (empty when it does not exist)."""
-        fs, path = self._path(url)
-        if not fs.exists(path):
-            return []
-        return sorted(str(status.getPath().getName()) for status in fs.listStatus(path))
-
     def glob(self, url: str, pattern: str) -> list[tuple[str, int]]:
         """(path, length) of the files under ``url`` matching a Hadoop glob such as ``*.{jpg,png}``."""
         fs, path = self._path(f"{url.rstrip('/')}/{pattern}")
