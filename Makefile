@@ -32,6 +32,8 @@ test: java $(STAMP)
 
 bench: java $(STAMP)
 	$(PY) bench/ingest.py
+	$(PY) bench/train.py
+	$(PY) bench/infer.py
 
 # Re-pin constraints.txt from the current environment after changing dependencies.
 lock: $(STAMP)

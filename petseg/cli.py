@@ -33,6 +33,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from petseg.train import run_train
 
             print(run_train(spark, cfg=cfg).format(), flush=True)
+        if invocation.job in ("infer", "demo"):
+            from petseg.infer import run_infer
+
+            print(run_infer(spark, infer=cfg.infer).format(), flush=True)
+        if invocation.job in ("evaluate", "demo"):
+            from petseg.evaluate import run_evaluate
+
+            print(run_evaluate(spark, evaluate=cfg.evaluate).format(), flush=True)
     except InputError as exc:
         print(f"petseg {invocation.job}: {exc}", file=sys.stderr)
         return 1

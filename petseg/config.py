@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,7 @@ class SparkConfig:
 class DataConfig:
     source: Source = MISSING
     input: Optional[str] = MISSING
-    dataset: str = MISSING
+    dataset: Optional[str] = MISSING
     rejects: Optional[str] = MISSING
     image_size: int = MISSING
     image_codec: Codec = MISSING
@@ -70,6 +71,14 @@ class DataConfig:
     rowgroup_size_mb: int = MISSING
     min_row_groups_per_split: int = MISSING
     partitions: Optional[int] = MISSING
+
+
+class InputFormat(str, enum.Enum):
+    auto = "auto"
+    petastorm = "petastorm"
+    parquet = "parquet"
+    table = "table"
+    images = "images"
 
 
 class Precision(str, enum.Enum):
@@ -109,11 +118,38 @@ class TrainConfig:
 
 
 @dataclass
+class InferConfig:
+    model: Optional[str] = MISSING
+    input: Optional[str] = MISSING
+    input_format: InputFormat = MISSING
+    image_column: str = MISSING
+    key_column: Optional[str] = MISSING
+    output: Optional[str] = MISSING
+    batch_size: int = MISSING
+    arrow_batch_rows: int = MISSING
+    partitions: Optional[int] = MISSING
+    limit: Optional[int] = MISSING
+    model_resolution: bool = MISSING
+
+
+@dataclass
+class EvaluateConfig:
+    model: Optional[str] = MISSING
+    dataset: Optional[str] = MISSING
+    split: str = MISSING
+    output: Optional[str] = MISSING
+    batch_size: int = MISSING
+    preview_images: int = MISSING
+
+
+@dataclass
 class Config:
     spark: SparkConfig = field(default_factory=SparkConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 class ConfigError(ValueError):
@@ -154,14 +190,21 @@ def load(
 
 
 #: Which config sections each job reads, so that e.g. ``petseg train`` needs no ingest input.
-JOB_SECTIONS = {"ingest": ("data",), "train": ("model", "train"), "demo": ("data", "model", "train")}
+JOB_SECTIONS = {
+    "ingest": ("data",),
+    "train": ("model", "train"),
+    "infer": ("infer",),
+    "evaluate": ("evaluate",),
+    "demo": ("data", "model", "train", "infer", "evaluate"),
+}
 
 
 def validate(cfg: Config, *, job: str = "ingest") -> None:
     """Check values that types alone cannot; raise :class:`ConfigError` naming the key and the fix."""
-    sections = JOB_SECTIONS.get(job, ("data", "model", "train"))
-    _require(bool(cfg.data.dataset), "data.dataset", cfg.data.dataset, "a dataset URL such as file:///tmp/pets")
-    cfg.data.dataset = normalize_url(cfg.data.dataset, key="data.dataset")
+    sections = JOB_SECTIONS.get(job, tuple(JOB_SECTIONS["demo"]))
+    if {"data", "train"} & set(sections):
+        _require(bool(cfg.data.dataset), "data.dataset", cfg.data.dataset, "a dataset URL such as file:///tmp/pets")
+        cfg.data.dataset = normalize_url(str(cfg.data.dataset), key="data.dataset")
     _require(cfg.data.image_size >= 8, "data.image_size", cfg.data.image_size, "an integer >= 8 (the recipe uses 128)")
     if "data" in sections:
         _validate_data(cfg)
@@ -169,6 +212,10 @@ def validate(cfg: Config, *, job: str = "ingest") -> None:
         _validate_model(cfg)
     if "train" in sections:
         _validate_train(cfg)
+    if "infer" in sections:
+        _validate_infer(cfg)
+    if "evaluate" in sections:
+        _validate_evaluate(cfg)
 
 
 def _validate_data(cfg: Config) -> None:
@@ -239,6 +286,60 @@ def _validate_train(cfg: Config) -> None:
     t.output_dir = normalize_url(t.output_dir, key="train.output_dir")
 
 
+def _validate_infer(cfg: Config) -> None:
+    i = cfg.infer
+    _require(bool(i.model), "infer.model", i.model, "a training run's train.output_dir (or its model/ folder)")
+    _require(
+        bool(i.input), "infer.input", i.input, "a Petastorm or Parquet dataset URL, a catalog table, or a folder/glob of images"
+    )
+    _require(bool(i.output), "infer.output", i.output, "a folder URL or path for Parquet, or a catalog table name")
+    _require(bool(i.image_column), "infer.image_column", i.image_column, "the name of the encoded-image column")
+    _require(i.batch_size >= 1, "infer.batch_size", i.batch_size, "an integer >= 1 (images per model call)")
+    _require(
+        i.arrow_batch_rows >= i.batch_size,
+        "infer.arrow_batch_rows",
+        i.arrow_batch_rows,
+        f"an integer >= infer.batch_size={i.batch_size} (rows handed to the UDF at once)",
+    )
+    _require(i.limit is None or i.limit >= 1, "infer.limit", i.limit, "null or an integer >= 1")
+    _require(i.partitions is None or i.partitions >= 1, "infer.partitions", i.partitions, "null or an integer >= 1")
+    i.model = normalize_url(str(i.model), key="infer.model")
+    if i.input_format is InputFormat.table or (i.input_format is InputFormat.auto and is_table_name(str(i.input))):
+        i.input_format = InputFormat.table
+    else:
+        _require(
+            i.input_format is not InputFormat.table, "infer.input_format", i.input_format.value, "a format matching the input"
+        )
+        i.input = normalize_url(str(i.input), key="infer.input")
+    if not is_table_name(str(i.output)):
+        i.output = normalize_url(str(i.output), key="infer.output")
+
+
+def _validate_evaluate(cfg: Config) -> None:
+    e = cfg.evaluate
+    _require(bool(e.model), "evaluate.model", e.model, "a training run's train.output_dir (or its model/ folder)")
+    _require(bool(e.dataset), "evaluate.dataset", e.dataset, "the URL of a dataset written by `petseg ingest`")
+    _require(bool(e.output), "evaluate.output", e.output, "a folder URL or path for metrics.json and predictions.png")
+    _require(e.split in ("train", "test"), "evaluate.split", e.split, "train or test")
+    _require(e.batch_size >= 1, "evaluate.batch_size", e.batch_size, "an integer >= 1")
+    _require(e.preview_images >= 0, "evaluate.preview_images", e.preview_images, "an integer >= 0 (0: no PNG grid)")
+    e.model = normalize_url(str(e.model), key="evaluate.model")
+    e.dataset = normalize_url(str(e.dataset), key="evaluate.dataset")
+    e.output = normalize_url(str(e.output), key="evaluate.output")
+
+
+_TABLE_PART = r"(`[^`/]+`|[A-Za-z_]\w*)"
+_TABLE_NAME = re.compile(rf"^{_TABLE_PART}(\.{_TABLE_PART}){{0,2}}$")
+
+
+def is_table_name(value: str) -> bool:
+    """Whether ``value`` names a catalog table (``name``, ``schema.name``, ``catalog.schema.name``).
+
+    Anything with a slash or a URL scheme is a path; write ``./masks`` for a relative folder.
+    """
+    return "/" not in value and bool(_TABLE_NAME.match(value))
+
+
 def normalize_url(url: str, *, key: str) -> str:
     """Turn a user's path into a URL both Spark and Petastorm open.
 
@@ -249,7 +350,9 @@ def normalize_url(url: str, *, key: str) -> str:
     if url.startswith("dbfs:/"):
         return "file:///dbfs/" + url[len("dbfs:/") :].lstrip("/")
     if "://" not in url:
-        return Path(url).expanduser().absolute().as_uri()
+        # Not Path.as_uri(): it percent-encodes, and Hadoop would then look for a file named
+        # "%2A.jpg" instead of expanding the glob "*.jpg".
+        return "file://" + str(Path(url).expanduser().absolute())
     scheme = url.split("://", 1)[0].lower()
     if scheme not in DATASET_SCHEMES:
         raise ConfigError(
@@ -266,7 +369,7 @@ def to_dict(cfg: Config | Any) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- command line and environment
 
-JOBS = ("ingest", "train", "demo")
+JOBS = ("ingest", "train", "infer", "evaluate", "demo")
 
 
 @dataclass(frozen=True)

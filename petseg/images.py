@@ -46,13 +46,33 @@ class Example:
     width: int
 
 
+#: How ``np.save`` output starts: petseg's raw codec (Petastorm's NdarrayCodec) stores images so.
+NPY_MAGIC = b"\x93NUMPY"
+
+
 def _open(data: bytes | None, what: str) -> Image.Image:
     if data is None or len(data) == 0:
         raise RejectedInput(f"{what}_empty", f"the {what} file is empty (0 bytes)")
+    if bytes(data[:6]) == NPY_MAGIC:
+        return _open_array(data, what)
     try:
         return Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise RejectedInput(f"{what}_undecodable", f"the {what} bytes are not a known image format: {exc}")
+
+
+def _open_array(data: bytes, what: str) -> Image.Image:
+    """A uint8 (H, W) or (H, W, 3) array saved with ``np.save``, as an image, so that a dataset written
+    with the raw codec goes through the same conversions as an encoded file."""
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise RejectedInput(f"{what}_undecodable", f"the {what} bytes are a truncated or corrupt .npy array: {exc}")
+    if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)) or arr.size == 0:
+        raise RejectedInput(
+            f"{what}_undecodable", f"the {what} array has dtype {arr.dtype} and shape {arr.shape}; expected uint8 (H, W, 3)"
+        )
+    return Image.fromarray(arr)
 
 
 def _to_rgb(img: Image.Image, *, min_side: int | None) -> np.ndarray:
@@ -126,6 +146,20 @@ def decode_trimap(data: bytes | None) -> np.ndarray:
             )
         arr = arr[..., 0]
     return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def decode_label_mask(data: bytes | None) -> np.ndarray:
+    """A stored label mask (petseg's raw codec: ``np.save`` of uint8 (H, W)) or a label PNG, as (H, W).
+
+    Raises
+    ------
+    RejectedInput
+        ``mask_empty`` or ``mask_undecodable``.
+    """
+    arr = np.asarray(_open(data, "mask"))
+    if arr.ndim != 2:
+        raise RejectedInput("mask_undecodable", f"a label mask must be 2-D (H, W); got shape {arr.shape}")
+    return arr
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:

@@ -1,23 +1,37 @@
-"""Stage 3 building block: the batched Spark UDF that segments a column of encoded images."""
+"""Stage 3: segment an image table with an exported run in a batched pandas UDF and write the masks."""
 
 from __future__ import annotations
 
-from typing import Iterator
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Tuple
 
 import cv2
 import numpy as np
 import pandas as pd
-from pyspark.sql import Column
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
-from pyspark.sql.types import BinaryType, DoubleType, StringType, StructField, StructType
+from pyspark.sql.types import BinaryType, DoubleType, IntegerType, StringType, StructField, StructType
 
-from petseg.images import CLASSES
+from petseg.config import InferConfig, is_table_name
+from petseg.images import CLASSES, RejectedInput
+from petseg.storage import Storage
 
-#: What the UDF returns per row: masks as PNG (original and model resolution), class fractions, error.
+log = logging.getLogger(__name__)
+
+#: The Arrow batch size conf: rows handed to a pandas UDF at once.
+ARROW_BATCH_CONF = "spark.sql.execution.arrow.maxRecordsPerBatch"
+
+#: What the UDF returns per row: masks as PNG (original and model resolution), the mask's size,
+#: class fractions, and the error that replaced them for a bad row.
 SEGMENTATION_SCHEMA = StructType(
     [
         StructField("mask_png", BinaryType(), True),
         StructField("mask_model_png", BinaryType(), True),
+        StructField("height", IntegerType(), True),
+        StructField("width", IntegerType(), True),
         *[StructField(f"fraction_{name}", DoubleType(), True) for name in CLASSES],
         StructField("error", StringType(), True),
     ]
@@ -31,33 +45,203 @@ def _png(mask: np.ndarray | None) -> bytes | None:
     return buf.tobytes() if ok else None
 
 
-def segment_udf(model_uri: str, *, batch_size: int = 32, model_resolution: bool = False):
-    """A pandas UDF (Iterator of Series -> Iterator of DataFrame) segmenting a binary image column.
+def segment_udf(
+    model_uri: str,
+    *,
+    batch_size: int = 32,
+    model_resolution: bool = False,
+    read_files: bool = False,
+    threads: int | None = None,
+):
+    """A pandas UDF (Iterator of (data, height, width) Series -> Iterator of DataFrame) that segments images.
 
     The model loads once per Python worker (:func:`petseg.inference.load_model`); each Arrow batch
     (``spark.sql.execution.arrow.maxRecordsPerBatch`` rows) is predicted ``batch_size`` images at a
-    time. Bad images give a null mask and a message in ``error``; the batch goes on.
+    time. ``data`` holds encoded images, or file URLs when ``read_files``; ``height``/``width``
+    (nullable) override the size the mask is returned at. A bad row gives a null mask and a
+    message in ``error``; the batch goes on.
     """
 
     @pandas_udf(SEGMENTATION_SCHEMA)  # type: ignore[call-overload]
-    def segment(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
-        from petseg.inference import load_model, segment_images
+    def segment(batches: Iterator[Tuple[pd.Series, pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+        from petseg.image_tables import read_file
+        from petseg.inference import Segmentation, load_model, segment_images
 
-        loaded = load_model(model_uri)
-        for series in batches:
-            segs = segment_images(loaded, series.tolist(), batch_size=batch_size)
+        loaded = load_model(model_uri, threads=threads)
+        for data, heights, widths in batches:
+            values = data.tolist()
+            failed: dict[int, Segmentation] = {}
+            if read_files:
+                for i, url in enumerate(values):
+                    try:
+                        values[i] = read_file(url)
+                    except RejectedInput as exc:
+                        failed[i], values[i] = Segmentation(None, None, None, f"{exc.reason}: {exc.detail}"), None
+            sizes = [
+                None if pd.isna(h) or pd.isna(w) else (int(h), int(w)) for h, w in zip(heights.tolist(), widths.tolist())
+            ]
+            segs = segment_images(loaded, values, batch_size=batch_size, sizes=sizes)
+            segs = [failed.get(i, s) for i, s in enumerate(segs)]
             columns: dict[str, list] = {
                 "mask_png": [_png(s.mask) for s in segs],
                 "mask_model_png": [_png(s.mask_model) if model_resolution else None for s in segs],
+                "height": [None if s.mask is None else s.mask.shape[0] for s in segs],
+                "width": [None if s.mask is None else s.mask.shape[1] for s in segs],
             }
             for k, name in enumerate(CLASSES):
                 columns[f"fraction_{name}"] = [None if s.fractions is None else s.fractions[k] for s in segs]
             columns["error"] = [s.error for s in segs]
-            yield pd.DataFrame(columns)
+            frame = pd.DataFrame(columns)
+            for name in ("height", "width"):
+                frame[name] = frame[name].astype("Int32")
+            yield frame
 
     return segment
 
 
-def segment_column(column: Column | str, model_uri: str, *, batch_size: int = 32, model_resolution: bool = False) -> Column:
-    """``segment_udf(...)(column)``: a struct column of :data:`SEGMENTATION_SCHEMA`."""
-    return segment_udf(model_uri, batch_size=batch_size, model_resolution=model_resolution)(column)
+def segment_column(
+    column: Column | str,
+    model_uri: str,
+    *,
+    batch_size: int = 32,
+    model_resolution: bool = False,
+    height: Column | str | None = None,
+    width: Column | str | None = None,
+    read_files: bool = False,
+    threads: int | None = None,
+) -> Column:
+    """A struct column of :data:`SEGMENTATION_SCHEMA` segmenting an encoded-image column.
+
+    Parameters
+    ----------
+    column
+        Encoded image bytes (JPEG, PNG, ... or petseg's raw arrays), or file URLs with ``read_files``.
+    model_uri
+        A training run's output folder (or its ``model/``) that every executor can open.
+    height, width
+        Columns with the size to return masks at; by default the decoded image's own size.
+    """
+    no_size = F.lit(None).cast("int")
+    udf = segment_udf(
+        model_uri, batch_size=batch_size, model_resolution=model_resolution, read_files=read_files, threads=threads
+    )
+    return udf(
+        F.col(column) if isinstance(column, str) else column,
+        no_size if height is None else F.col(height) if isinstance(height, str) else height,
+        no_size if width is None else F.col(width) if isinstance(width, str) else width,
+    )
+
+
+@dataclass(frozen=True)
+class InferReport:
+    input: str
+    input_format: str
+    output: str
+    model_uri: str
+    model_version: str
+    segmented: int = 0
+    failed: dict[str, int] = field(default_factory=dict)  # error reason -> rows
+    seconds: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return self.segmented + sum(self.failed.values())
+
+    def format(self) -> str:
+        lines = [
+            f"infer: {self.rows} rows, segmented {self.segmented}, failed {sum(self.failed.values())}"
+            f" ({self.rows / max(self.seconds, 1e-9):.1f} rows/s)"
+        ]
+        lines += [f"  failed {reason:<28} {n:>8}" for reason, n in sorted(self.failed.items())]
+        lines.append(f"  input:  {self.input} ({self.input_format})")
+        lines.append(f"  model:  {self.model_uri} (version {self.model_version})")
+        lines.append(f"  output: {self.output}")
+        return "\n".join(lines)
+
+
+def run_infer(spark: SparkSession, *, infer: InferConfig) -> InferReport:
+    """Segment every row of ``infer.input`` and write the masks to ``infer.output``.
+
+    The output holds the input's key, ``mask_png`` at the original resolution, ``mask_model_png``
+    (with ``infer.model_resolution``), ``height``, ``width``, ``fraction_<class>``, ``model_uri``,
+    ``model_version`` and ``error``. A path is written as Parquet, atomically; a table name with
+    ``saveAsTable``, overwriting. Bad rows are kept with an error; the counts come back.
+
+    Raises
+    ------
+    InputError
+        At once, before any Spark job, when the model is missing or not a petseg model, or the input
+        is missing or lacks the image or key column.
+    """
+    from petseg.inference import model_version, resolve_model
+
+    start = time.perf_counter()
+    _, metadata = resolve_model(str(infer.model))  # fail before touching the input
+    version = model_version(metadata)
+    return _segment_and_write(spark, infer=infer, version=version, start=start)
+
+
+def _segment_and_write(spark: SparkSession, *, infer: InferConfig, version: str, start: float) -> InferReport:
+    from petseg.image_tables import load_image_table
+
+    table = load_image_table(spark, infer=infer)
+    threads = int(spark.sparkContext.getConf().get("spark.task.cpus", "1"))
+    segmentation = segment_column(
+        "path" if table.reads_files else "image",
+        str(infer.model),
+        batch_size=infer.batch_size,
+        model_resolution=infer.model_resolution,
+        height="height" if table.has_sizes else None,
+        width="width" if table.has_sizes else None,
+        read_files=table.reads_files,
+        threads=threads,
+    )
+    out = table.frame.select(F.col(table.key), segmentation.alias("s")).select(
+        table.key,
+        *[f"s.{f.name}" for f in SEGMENTATION_SCHEMA.fields if f.name != "error"],
+        F.lit(str(infer.model)).alias("model_uri"),
+        F.lit(version).alias("model_version"),
+        "s.error",
+    )
+    previous = spark.conf.get(ARROW_BATCH_CONF, None)
+    spark.conf.set(ARROW_BATCH_CONF, str(infer.arrow_batch_rows))
+    try:
+        written = write_output(spark, out, output=str(infer.output))
+    finally:
+        if previous is None:
+            spark.conf.unset(ARROW_BATCH_CONF)
+        else:
+            spark.conf.set(ARROW_BATCH_CONF, previous)
+    # Counted from what was written: reading a few columns back beats running the model twice.
+    counts = (
+        written.select(F.split(F.col("error"), ":").getItem(0).alias("reason"))
+        .groupBy("reason")
+        .count()
+        .collect()
+    )
+    segmented = sum(r["count"] for r in counts if r["reason"] is None)
+    failed = {r["reason"]: r["count"] for r in counts if r["reason"] is not None}
+    report = InferReport(
+        input=str(infer.input),
+        input_format=table.format.value,
+        output=str(infer.output),
+        model_uri=str(infer.model),
+        model_version=version,
+        segmented=segmented,
+        failed=failed,
+        seconds=time.perf_counter() - start,
+    )
+    log.info("infer wrote %d rows to %s", report.rows, infer.output)
+    return report
+
+
+def write_output(spark: SparkSession, frame: DataFrame, *, output: str) -> DataFrame:
+    """Write ``frame`` to a catalog table (overwritten) or a Parquet folder (replaced atomically);
+    return the written data, read back."""
+    if is_table_name(output):
+        # overwriteSchema lets a Delta table take a new schema on re-run; Parquet tables ignore it.
+        frame.write.mode("overwrite").option("overwriteSchema", "true").saveAsTable(output)
+        return spark.table(output)
+    with Storage(spark).atomic_output(output) as tmp:
+        frame.write.mode("overwrite").parquet(tmp)
+    return spark.read.parquet(output)

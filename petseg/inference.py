@@ -7,6 +7,7 @@ driven by the model's metadata JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ class LoadedModel:
     model: Any
     metadata: dict[str, Any]
     uri: str
+    #: The model as one graph for any batch size (see :func:`logits_function`); None: predict_on_batch.
+    logits: Any = None
 
     @property
     def image_size(self) -> int:
@@ -33,6 +36,17 @@ class LoadedModel:
     @property
     def classes(self) -> list[str]:
         return list(self.metadata["classes"])
+
+    @property
+    def version(self) -> str:
+        return model_version(self.metadata)
+
+
+def model_version(metadata: dict[str, Any]) -> str:
+    """The run id training wrote, or (for runs older than run ids) a digest of the metadata."""
+    if metadata.get("run_id"):
+        return str(metadata["run_id"])
+    return "sha1-" + hashlib.sha1(json.dumps(metadata, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def resolve_model(uri: str) -> tuple[Path, dict[str, Any]]:
@@ -43,6 +57,11 @@ def resolve_model(uri: str) -> tuple[Path, dict[str, Any]]:
     InputError
         When the path does not exist or holds no petseg metadata.
     """
+    if "://" in uri and not uri.startswith("file://"):
+        raise InputError(
+            f"model {uri!r} is not a local path; TensorFlow loads models from files, so put the run on "
+            "storage every executor mounts (NFS, /dbfs/..., /Volumes/...) and pass that path"
+        )
     path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
     for run_dir in (path, path.parent):
         meta_file = run_dir / METADATA_FILE
@@ -63,16 +82,45 @@ _CACHE: dict[str, LoadedModel] = {}
 _LOCK = threading.Lock()
 
 
-def load_model(uri: str) -> LoadedModel:
-    """Load a run's model once per process (Spark reuses Python workers, so once per worker)."""
+def load_model(uri: str, *, threads: int | None = None) -> LoadedModel:
+    """Load a run's model once per process (Spark reuses Python workers, so once per worker).
+
+    ``threads`` caps TensorFlow's thread pools, so that each Spark task's TensorFlow uses the cores
+    the task was given (``spark.task.cpus``) instead of every core on the node.
+    """
     with _LOCK:
         if uri not in _CACHE:
             model_dir, metadata = resolve_model(uri)
             from petseg.model import keras_module
 
             keras = keras_module()
-            _CACHE[uri] = LoadedModel(keras.models.load_model(str(model_dir), compile=False), metadata, uri)
+            if threads:
+                _limit_threads(threads)
+            model = keras.models.load_model(str(model_dir), compile=False)
+            _CACHE[uri] = LoadedModel(model, metadata, uri, logits_function(model, int(metadata["image_size"])))
         return _CACHE[uri]
+
+
+def logits_function(model: Any, image_size: int) -> Any:
+    """The model as a graph traced once for every batch size.
+
+    ``predict_on_batch`` traces again for each new batch shape, and every partition ends in a
+    smaller batch: seconds per trace for the 5-level U-Net, per Python worker.
+    """
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32)
+    return tf.function(lambda images: model(images, training=False), input_signature=[spec])
+
+
+def _limit_threads(threads: int) -> None:
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        pass  # TensorFlow already ran something in this process (e.g. a local test); its pools stay
 
 
 @dataclass(frozen=True)
@@ -87,21 +135,46 @@ def predict_labels(loaded: LoadedModel, images: np.ndarray, *, batch_size: int) 
     """Argmax labels for uint8 (N, S, S, 3) images, ``batch_size`` at a time."""
     from petseg.model.preprocessing import preprocess
 
+    # A graph call per batch; calling the model eagerly would dispatch every layer's ops from Python.
+    predict = loaded.logits if loaded.logits is not None else loaded.model.predict_on_batch
     out = []
     for start in range(0, len(images), batch_size):
-        logits = loaded.model(preprocess(images[start:start + batch_size], loaded.metadata["preprocessing"]), training=False)
-        out.append(np.argmax(np.asarray(logits), axis=-1).astype(np.uint8))
+        batch = np.asarray(preprocess(images[start:start + batch_size], loaded.metadata["preprocessing"]), np.float32)
+        out.append(np.argmax(np.asarray(predict(batch)), axis=-1).astype(np.uint8))
     return np.concatenate(out) if out else np.zeros((0, loaded.image_size, loaded.image_size), np.uint8)
 
 
-def segment_images(loaded: LoadedModel, encoded: Sequence[bytes | None], *, batch_size: int) -> list[Segmentation]:
-    """Segment encoded images; a bad one gets an error instead of a mask, and the rest go on."""
+def _output_size(height: int, width: int) -> tuple[int, int]:
+    if height < 1 or width < 1:
+        raise RejectedInput("size_invalid", f"the row's height={height} and width={width} must be positive")
+    return int(height), int(width)
+
+
+def segment_images(
+    loaded: LoadedModel,
+    encoded: Sequence[bytes | None],
+    *,
+    batch_size: int,
+    sizes: Sequence[tuple[int, int] | None] | None = None,
+) -> list[Segmentation]:
+    """Segment encoded images; a bad one gets an error instead of a mask, and the rest go on.
+
+    Parameters
+    ----------
+    encoded
+        Image files' bytes (any format Pillow reads) or raw arrays as petseg's raw codec stores them.
+    sizes
+        (height, width) to return each mask at, where the bytes are not the original image (a
+        dataset's resized images keep their original size in columns); None: the decoded size.
+    """
     size, n_classes = loaded.image_size, len(loaded.classes)
     results: list[Segmentation | None] = [None] * len(encoded)
     ready, shapes, index = [], [], []
     for i, data in enumerate(encoded):
         try:
             image, shape = decode_for_model(data, size=size)
+            if sizes is not None and sizes[i] is not None:
+                shape = _output_size(*sizes[i])
         except RejectedInput as exc:
             results[i] = Segmentation(None, None, None, f"{exc.reason}: {exc.detail}")
             continue

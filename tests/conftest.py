@@ -125,3 +125,25 @@ def data_config(**overrides) -> config.DataConfig:
     """A validated data section from base.yaml plus ``overrides`` (key -> value)."""
     items = [f"data.{k}={v}" for k, v in overrides.items()]
     return config.load(overrides=items).data
+
+
+@pytest.fixture(scope="session")
+def exported_run(tmp_path_factory) -> Path:
+    """A training run's folder as inference reads it: a small untrained 32x32 U-Net and its metadata."""
+    import json
+
+    config.prepare_process_environment(master="local[2]")  # tf-keras, before TensorFlow is imported
+    from petseg.model import build_unet
+
+    run = tmp_path_factory.mktemp("run")
+    build_unet(image_size=32, n_depth=2, encoder_weights="none", seed=3).save(str(run / "model"), include_optimizer=False)
+    (run / "petseg-model.json").write_text(json.dumps(
+        {"model_path": "model", "image_size": 32, "classes": ["pet", "background", "border"],
+         "preprocessing": "unit_scale", "run_id": "run-under-test"}
+    ))
+    return run
+
+
+def load_job_config(job: str, *overrides: str) -> config.Config:
+    """A validated config from base.yaml plus ``key=value`` overrides, checked for ``job``."""
+    return config.load(overrides=list(overrides), job=job)

@@ -46,7 +46,7 @@ def test_oxford_needs_input_and_files_must_exist(tmp_path):
     bad.write_text("data:\n  image_size: [1, 2\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         config.load(conf_files=[bad])
-    with pytest.raises(ConfigError, match=r"config key 'data.dataset' has no value"):
+    with pytest.raises(ConfigError, match=r"data.dataset=None is not allowed; use a dataset URL"):
         config.load(overrides=["data.source=synthetic"])
 
 
@@ -54,15 +54,40 @@ def test_url_normalisation():
     assert config.normalize_url("dbfs:/ml/pets", key="k") == "file:///dbfs/ml/pets"
     assert config.normalize_url("/Volumes/main/pets/raw", key="k") == "file:///Volumes/main/pets/raw"
     assert config.normalize_url("s3a://bucket/pets", key="k") == "s3a://bucket/pets"
+    assert config.normalize_url("/photos/*.jpg", key="k") == "file:///photos/*.jpg"  # a glob stays a glob
     assert config.normalize_url("rel/dir", key="k").startswith("file:///") and config.normalize_url("rel/dir", key="k").endswith("/rel/dir")
 
 
 def test_command_line():
     inv = config.parse_command_line(["ingest", "--conf", str(config.LOCAL_CONF), "data.synthetic_count=10"])
     assert inv.job == "ingest" and inv.config.data.synthetic_count == 10
-    with pytest.raises(ConfigError, match="unknown job 'trian'; choose one of ingest, train, demo"):
+    with pytest.raises(ConfigError, match="unknown job 'trian'; choose one of ingest, train, infer, evaluate, demo"):
         config.parse_command_line(["trian"])
     with pytest.raises(ConfigError, match="unknown option '--verbose'"):
         config.parse_command_line(["demo", "--verbose"])
     with pytest.raises(ConfigError, match="usage: petseg"):
         config.parse_command_line([])
+
+
+def test_infer_and_evaluate_sections():
+    # Each job needs only its own keys; the stages chain by default (evaluate.model -> infer.model ->
+    # train.output_dir, evaluate.dataset -> data.dataset), so one config can drive the whole pipeline.
+    cfg = config.load(overrides=["train.output_dir=/runs/r1", "data.dataset=/d/pets", "data.source=synthetic",
+                                 "infer.input=main.raw.photos",
+                                 "infer.output=main.seg.masks", "evaluate.output=/e"], job="demo")
+    assert cfg.infer.model == cfg.evaluate.model == "file:///runs/r1"
+    assert cfg.evaluate.dataset == "file:///d/pets"
+    assert cfg.infer.input_format is config.InputFormat.table and cfg.infer.output == "main.seg.masks"
+    only_infer = config.load(overrides=["infer.model=/r", "infer.input=/photos/*.jpg", "infer.output=./masks"], job="infer")
+    assert only_infer.infer.input == "file:///photos/*.jpg" and only_infer.infer.output.endswith("/masks")
+    with pytest.raises(ConfigError, match="infer.input=None is not allowed"):
+        config.load(overrides=["infer.model=/r", "infer.output=/o"], job="infer")
+    with pytest.raises(ConfigError, match="infer.arrow_batch_rows=8 is not allowed; use an integer >= infer.batch_size=32"):
+        config.load(overrides=["infer.model=/r", "infer.input=/i", "infer.output=/o", "infer.arrow_batch_rows=8"], job="infer")
+    with pytest.raises(ConfigError, match="'infer.input_format'.*allowed values: auto, petastorm, parquet, table, images"):
+        config.load(overrides=["infer.input_format=csv"], job="infer")
+    with pytest.raises(ConfigError, match="evaluate.split='val' is not allowed; use train or test"):
+        config.load(overrides=["evaluate.model=/r", "evaluate.dataset=/d", "evaluate.output=/o", "evaluate.split=val"],
+                    job="evaluate")
+    assert [config.is_table_name(v) for v in ("t", "s.t", "c.s.t", "`my-cat`.s.t", "./t", "/t", "s3://b/t")] == [
+        True, True, True, True, False, False, False]

@@ -1,7 +1,5 @@
 """Segmenting images with an exported model: same decoding as training, original sizes back, bad rows kept."""
 
-import json
-
 from petseg import config
 
 config.prepare_process_environment(master="local[2]")  # tf-keras, before TensorFlow is imported
@@ -15,15 +13,8 @@ from petseg.sources import InputError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from petseg.model import build_unet
-
-    run = tmp_path_factory.mktemp("run")
-    build_unet(image_size=32, n_depth=2, encoder_weights="none", seed=3).save(str(run / "model"), include_optimizer=False)
-    (run / "petseg-model.json").write_text(json.dumps(
-        {"model_path": "model", "image_size": 32, "classes": ["pet", "background", "border"], "preprocessing": "unit_scale"}
-    ))
-    return run
+def run_dir(exported_run):
+    return exported_run
 
 
 def test_masks_match_a_local_predict_at_original_size(run_dir):
@@ -72,3 +63,128 @@ def test_spark_udf_equals_local_segmentation_and_keeps_bad_rows(spark, run_dir):
         model_mask = cv2.imdecode(np.frombuffer(row["mask_model_png"], np.uint8), cv2.IMREAD_UNCHANGED)
         np.testing.assert_array_equal(model_mask, seg.mask_model)
         assert abs(row["fraction_pet"] + row["fraction_background"] + row["fraction_border"] - 1) < 1e-9
+
+
+# --------------------------------------------------------------------------- the inference job
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    import cv2
+
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def _infer(spark, *overrides: str):
+    from conftest import load_job_config
+
+    from petseg.infer import run_infer
+
+    cfg = load_job_config("infer", *overrides)
+    return cfg.infer, run_infer(spark, infer=cfg.infer)
+
+
+def test_job_on_a_parquet_table_keeps_bad_rows_and_original_sizes(spark, run_dir, tmp_path):
+    pets = [synthetic.render(i, seed=21, size=size) for i, size in enumerate([(64, 48), (30, 41), (120, 90)])]
+    rows = [(f"pet{i}", synthetic.encode_jpeg(p.image), "x") for i, p in enumerate(pets)]
+    rows += [("empty", b"", "x"), ("junk", b"GIF89a but not really", "x"), ("null", None, "x")]
+    src = tmp_path / "photos.parquet"
+    spark.createDataFrame(rows, "name string, photo binary, other string").write.parquet(str(src))
+    infer, report = _infer(spark, f"infer.model={run_dir}", f"infer.input={src}", "infer.image_column=photo",
+                           "infer.key_column=name", f"infer.output={tmp_path / 'masks'}", "infer.batch_size=2")
+    assert report.input_format == "parquet" and report.segmented == 3
+    assert report.failed == {"image_empty": 2, "image_undecodable": 1}
+    out = {r["name"]: r for r in spark.read.parquet(str(tmp_path / "masks")).collect()}
+    assert set(out) == {name for name, _, _ in rows}  # nothing lost
+    local = segment_images(load_model(str(run_dir)), [data for _, data, _ in rows[:3]], batch_size=8)
+    for i, (pet, seg) in enumerate(zip(pets, local)):
+        row = out[f"pet{i}"]
+        mask = _decode_png(row["mask_png"])
+        assert mask.shape == pet.image.shape[:2] == (row["height"], row["width"])  # its own size, not 32x32
+        np.testing.assert_array_equal(mask, seg.mask)  # the job's masks are a local predict's
+        assert row["mask_model_png"] is None  # infer.model_resolution is off
+        assert (row["model_uri"], row["model_version"], row["error"]) == (infer.model, "run-under-test", None)
+    for name in ("empty", "junk", "null"):
+        assert out[name]["mask_png"] is None and out[name]["fraction_pet"] is None and out[name]["error"]
+    # A re-run replaces the output.
+    _, again = _infer(spark, f"infer.model={run_dir}", f"infer.input={src}", "infer.image_column=photo",
+                      "infer.key_column=name", f"infer.output={tmp_path / 'masks'}", "infer.limit=2")
+    assert again.rows == 2 and spark.read.parquet(str(tmp_path / "masks")).count() == 2
+
+
+def test_job_on_a_folder_of_files_reports_empty_and_unreadable(spark, run_dir, tmp_path):
+    from petseg.image_tables import read_file
+    from petseg.images import RejectedInput
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    pet = synthetic.render(5, seed=2, size=(70, 50))
+    (folder / "a.jpg").write_bytes(synthetic.encode_jpeg(pet.image))
+    (folder / "sub" / "b.png").write_bytes(synthetic.encode_png(pet.image))
+    (folder / "empty.jpg").write_bytes(b"")  # Spark's binaryFile would drop this one silently
+    (folder / "_SUCCESS").write_bytes(b"")  # hidden, as Spark treats it
+    _, report = _infer(spark, f"infer.model={run_dir}", f"infer.input={folder}", f"infer.output={tmp_path / 'out'}",
+                       "infer.model_resolution=true")
+    assert report.input_format == "images" and report.segmented == 2 and report.failed == {"image_empty": 1}
+    out = {r["path"].rsplit("/", 1)[-1]: r for r in spark.read.parquet(str(tmp_path / "out")).collect()}
+    assert set(out) == {"a.jpg", "b.png", "empty.jpg"}
+    assert _decode_png(out["b.png"]["mask_png"]).shape == pet.image.shape[:2]
+    assert _decode_png(out["b.png"]["mask_model_png"]).shape == (32, 32)
+    _, globbed = _infer(spark, f"infer.model={run_dir}", f"infer.input={folder}/*.jpg", f"infer.output={tmp_path / 'g'}")
+    assert globbed.rows == 2  # a.jpg and empty.jpg, not sub/b.png
+    # A file that vanished (or cannot be read) after listing becomes an error row, not a failed job.
+    with pytest.raises(RejectedInput, match="file_unreadable"):
+        read_file((folder / "gone.jpg").as_uri())
+    from petseg.infer import segment_column
+
+    frame = spark.createDataFrame([((folder / "a.jpg").as_uri(),), ((folder / "gone.jpg").as_uri(),)], "path string")
+    got = frame.select(segment_column("path", str(run_dir), read_files=True).alias("s")).collect()
+    assert got[0]["s"]["error"] is None and got[1]["s"]["error"].startswith("file_unreadable")
+
+
+def test_job_on_the_ingested_dataset_and_catalog_tables(spark, run_dir, tmp_path):
+    from conftest import data_config
+
+    from petseg.ingest import run_ingest
+
+    data = data_config(source="synthetic", dataset=str(tmp_path / "pets"), synthetic_count=10, synthetic_seed=5,
+                       image_size=32, min_row_groups_per_split=1)
+    run_ingest(spark, data=data)
+    _, report = _infer(spark, f"infer.model={run_dir}", f"infer.input={tmp_path / 'pets'}", "infer.output=masks_tbl")
+    assert report.input_format == "petastorm" and report.segmented == 10 and report.failed == {}
+    rows = {r["id"]: r for r in spark.table("masks_tbl").collect()}  # written with saveAsTable
+    with open_split_rows(data.dataset) as stored:
+        for row in stored:
+            got = rows[row.id]
+            assert (got["height"], got["width"]) == (row.height, row.width)  # the original size, from the columns
+            expected = predict_labels(load_model(str(run_dir)), row.image[None], batch_size=1)[0]
+            np.testing.assert_array_equal(_decode_png(got["mask_png"]), images.resize_mask(expected, (row.height, row.width)))
+    # A catalog table as input (any key), with a limit for a quick look.
+    spark.createDataFrame([("k1", synthetic.encode_png(synthetic.render(1, seed=1).image))], "key string, image binary") \
+        .write.mode("overwrite").saveAsTable("photos_tbl")
+    _, quick = _infer(spark, f"infer.model={run_dir}", "infer.input=photos_tbl", f"infer.output={tmp_path / 'q'}",
+                      "infer.limit=1")
+    assert quick.input_format == "table" and quick.segmented == 1
+
+
+def open_split_rows(url: str):
+    from petseg.reader import open_split
+
+    return open_split(url, split="test", fields=("id", "image", "height", "width"), workers_count=1)
+
+
+def test_job_fails_at_once_on_a_bad_model_or_input(spark, run_dir, tmp_path):
+    with pytest.raises(InputError, match="does not exist; pass a training run's train.output_dir"):
+        _infer(spark, f"infer.model={tmp_path / 'nope'}", f"infer.input={tmp_path}", f"infer.output={tmp_path / 'o'}")
+    with pytest.raises(InputError, match="is not a petseg model"):
+        _infer(spark, f"infer.model={tmp_path}", f"infer.input={tmp_path}", f"infer.output={tmp_path / 'o'}")
+    with pytest.raises(InputError, match="is not a local path"):
+        resolve_model("hdfs://nn/runs/r1")
+    src = tmp_path / "t.parquet"
+    spark.createDataFrame([("a", b"x")], "id string, bytes binary").write.parquet(str(src))
+    with pytest.raises(InputError, match="infer.image_column='image' is not a binary column.*binary columns there: bytes"):
+        _infer(spark, f"infer.model={run_dir}", f"infer.input={src}", f"infer.output={tmp_path / 'o'}")
+    with pytest.raises(InputError, match="matches no files"):
+        _infer(spark, f"infer.model={run_dir}", f"infer.input={tmp_path}/*.jpg", f"infer.output={tmp_path / 'o'}")
+    with pytest.raises(config.ConfigError, match="infer.output=None is not allowed"):
+        _infer(spark, f"infer.model={run_dir}", f"infer.input={src}")
+    assert not (tmp_path / "o").exists()

@@ -107,11 +107,16 @@ def test_cli_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if k != "PYSPARK_PYTHON"}
     cmd = [sys.executable, "-m", "petseg.cli", "demo", f"data.dataset={out}", "data.synthetic_count=12",
-           "data.image_size=32", "spark.master=local[2]"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+           "data.image_size=32", "spark.master=local[2]", "train.epochs=1", f"train.output_dir={tmp_path / 'run'}",
+           f"infer.output={tmp_path / 'masks'}", f"evaluate.output={tmp_path / 'eval'}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ingest: read 12, written 12, rejected 0" in done.stdout
     assert (out / "_common_metadata").exists()
+    # The demo goes on through all stages: train -> infer (every row) -> evaluate (the test split).
+    assert "infer: 12 rows, segmented 12, failed 0" in done.stdout
+    assert "evaluate: " in done.stdout and "mean IoU" in done.stdout
+    assert (tmp_path / "eval" / "metrics.json").exists() and (tmp_path / "masks").is_dir()
     bad = subprocess.run([sys.executable, "-m", "petseg.cli", "ingest", "data.image_size=tiny"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "data.image_size" in bad.stderr and "expected int" in bad.stderr

@@ -167,10 +167,18 @@ def test_demo_learns(tmp_path):
     """The README's demo (conf/local.yaml) end to end: it must visibly learn, border class included."""
     env = {k: v for k, v in os.environ.items() if k != "PYSPARK_PYTHON"}
     cmd = [sys.executable, "-m", "petseg.cli", "demo", f"data.dataset={tmp_path / 'pets'}",
-           f"train.output_dir={tmp_path / 'run'}"]
+           f"train.output_dir={tmp_path / 'run'}", f"infer.output={tmp_path / 'masks'}",
+           f"evaluate.output={tmp_path / 'eval'}"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
     assert done.returncode == 0, done.stderr[-4000:]
     final = json.loads((tmp_path / "run" / "history.json").read_text())[-1]
     assert final["val_pixel_accuracy"] >= 0.90, final
     assert min(final["val_iou_pet"], final["val_iou_background"], final["val_iou_border"]) > 0, final
     assert "train: 20 epochs on 2 worker(s)" in done.stdout
+    assert "infer: 400 rows, segmented 400, failed 0" in done.stdout
+    # The evaluation job measures the exported model over the whole test split, as training's
+    # last validation pass did (on the same pixels, so the two agree closely).
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert abs(metrics["pixel_accuracy"] - final["val_pixel_accuracy"]) < 0.02, (metrics, final)
+    assert "pixel accuracy" in done.stdout and (tmp_path / "eval" / "predictions.png").exists()
+

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import platform
+import uuid
 from importlib import metadata as pkg_metadata
 from pathlib import Path
 from typing import Any
 
 from petseg.images import CLASSES
+from petseg.plots import curves_png, predictions_png
 
 #: Written next to the exported model; inference reads it to prepare images the way training did.
 METADATA_FILE = "petseg-model.json"
@@ -22,6 +24,8 @@ def write_outputs(*, output_dir: Path, spec: dict[str, Any], history: list[dict[
     final = history[-1] if history else {}
     meta = {
         "format": "petseg-model/1",
+        # Which model an inference output came from: every run gets its own id.
+        "run_id": uuid.uuid4().hex,
         "model_path": "model",
         "image_size": data["image_size"],
         "classes": list(CLASSES),
@@ -42,16 +46,14 @@ def write_outputs(*, output_dir: Path, spec: dict[str, Any], history: list[dict[
     }
     paths["metadata"].write_text(json.dumps(meta, indent=2))
     paths["history"].write_text(json.dumps(history, indent=2))
-    plot_curves(history, paths["curves"])
+    paths["curves"].write_bytes(curves_png(history))
     if train_cfg["preview_images"]:
         # Predict with the exported model, loaded outside the strategy: the live model's predict would
         # run collective ops that the other workers, already finished, can no longer join. This also
         # proves the export loads.
-        import tensorflow as tf
-
-        exported = tf.keras.models.load_model(str(output_dir / "model"), compile=False)
-        plot_predictions(exported, dataset_url=data["dataset"], count=train_cfg["preview_images"],
-                         preprocessing=preprocessing, path=paths["predictions"])
+        paths["predictions"].write_bytes(
+            _preview(run_dir=output_dir, metadata=meta, dataset_url=data["dataset"], count=train_cfg["preview_images"])
+        )
     else:
         del paths["predictions"]
     return {"outputs": {k: str(v) for k, v in paths.items()}, "model_dir": str(output_dir / "model"),
@@ -65,47 +67,17 @@ def _version(package: str) -> str | None:
         return None
 
 
-def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss and pixel accuracy per epoch, training and validation (the reference notebook's plot)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "loss", "Loss"), (axes[1], "pixel_accuracy", "Pixel accuracy")):
-        ax.plot(epochs, [h.get(key) for h in history], "r-", label=f"training {key}")
-        ax.plot(epochs, [h.get(f"val_{key}") for h in history], "bo", label=f"validation {key}")
-        ax.set_title(f"Training and validation {title.lower()}")
-        ax.set_xlabel("Epoch")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def plot_predictions(model: Any, *, dataset_url: str, count: int, preprocessing: str, path: Path) -> None:
-    """A grid of input, true mask and predicted mask for the first ``count`` test images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _preview(*, run_dir: Path, metadata: dict[str, Any], dataset_url: str, count: int) -> bytes:
+    """The predictions grid for the first ``count`` test images, made with the exported model."""
     import numpy as np
 
-    from petseg.model.preprocessing import preprocess
+    from petseg.inference import LoadedModel, predict_labels
+    from petseg.model import keras_module
     from petseg.reader import open_split
 
     with open_split(dataset_url, split="test", fields=("id", "image", "mask"), workers_count=1) as reader:
         rows = [row for _, row in zip(range(count), reader)]
     images = np.stack([r.image for r in rows])
-    predicted = np.argmax(model.predict(preprocess(images, preprocessing), verbose=0), axis=-1)
-    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
-    for i, row in enumerate(rows):
-        for ax, img, title in zip(axes[i], (row.image, row.mask, predicted[i]), ("Input image", "True mask", "Predicted mask")):
-            ax.imshow(img, vmin=0, vmax=len(CLASSES) - 1) if img.ndim == 2 else ax.imshow(img)
-            ax.set_title(f"{title}" + (f" ({row.id})" if title == "Input image" else ""))
-            ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=60)
-    plt.close(fig)
+    model = keras_module().models.load_model(str(run_dir / "model"), compile=False)
+    predicted = predict_labels(LoadedModel(model, metadata, str(run_dir)), images, batch_size=count)
+    return predictions_png([r.id for r in rows], images, np.stack([r.mask for r in rows]), predicted)

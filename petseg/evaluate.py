@@ -1,0 +1,182 @@
+"""The evaluation job: a model's confusion matrix over a labelled split, summed across executors,
+and the pixel accuracy and IoUs that follow from it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import LongType, StructField, StructType
+
+from petseg.config import EvaluateConfig
+from petseg.schema import SPLIT
+from petseg.sources import InputError
+from petseg.storage import Storage
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.png"
+
+
+def confusion_matrix(true: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_classes, n_classes) pixel counts, rows the true class, columns the predicted one."""
+    flat = true.astype(np.int64).ravel() * n_classes + predicted.astype(np.int64).ravel()
+    return np.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    classes: list[str]
+    confusion: list[list[int]]
+    pixel_accuracy: float
+    iou: dict[str, float | None]  # None for a class absent from both truth and prediction
+    mean_iou: float
+
+    @classmethod
+    def from_confusion(cls, confusion: np.ndarray, classes: list[str]) -> "Metrics":
+        confusion = np.asarray(confusion, dtype=np.int64)
+        hits = np.diag(confusion)
+        union = confusion.sum(axis=0) + confusion.sum(axis=1) - hits
+        iou = {name: (float(hits[k] / union[k]) if union[k] else None) for k, name in enumerate(classes)}
+        present = [v for v in iou.values() if v is not None]
+        return cls(
+            classes=list(classes),
+            confusion=confusion.tolist(),
+            pixel_accuracy=float(hits.sum() / max(1, confusion.sum())),
+            iou=iou,
+            mean_iou=float(np.mean(present)) if present else 0.0,
+        )
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    model_uri: str
+    model_version: str
+    dataset: str
+    split: str
+    images: int
+    pixels: int
+    metrics: Metrics
+    output: str
+    seconds: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def format(self) -> str:
+        m = self.metrics
+        lines = [
+            f"evaluate: {self.images} {self.split} images, {self.pixels} pixels",
+            f"  model:   {self.model_uri} (version {self.model_version})",
+            f"  {'class':<16} {'IoU':>7}",
+        ]
+        lines += [f"  {name:<16} {'n/a' if v is None else f'{v:.3f}':>7}" for name, v in m.iou.items()]
+        lines += [f"  {'mean IoU':<16} {m.mean_iou:>7.3f}", f"  {'pixel accuracy':<16} {m.pixel_accuracy:>7.3f}"]
+        lines.append("  confusion (rows true, columns predicted): " + json.dumps(m.confusion))
+        lines.append(f"  output:  {self.output}")
+        return "\n".join(lines)
+
+
+def _confusion_columns(n_classes: int) -> list[str]:
+    return [f"c{t}{p}" for t in range(n_classes) for p in range(n_classes)]
+
+
+def _confusion_per_partition(
+    model_uri: str, *, batch_size: int, n_classes: int, threads: int
+) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from petseg.images import decode_label_mask, decode_for_model, resize_mask
+        from petseg.inference import load_model, predict_labels
+
+        loaded = load_model(model_uri, threads=threads)
+        total, images = np.zeros((n_classes, n_classes), np.int64), 0
+        for batch in batches:
+            pixels = np.stack([decode_for_model(b, size=loaded.image_size)[0] for b in batch["image"]])
+            masks = [decode_label_mask(b) for b in batch["mask"]]
+            for mask, labels in zip(masks, predict_labels(loaded, pixels, batch_size=batch_size)):
+                # Measured at the dataset's resolution, where its masks were made.
+                labels = labels if labels.shape == mask.shape else resize_mask(labels, mask.shape)
+                total += confusion_matrix(mask, labels, n_classes)
+            images += len(batch)
+        yield pd.DataFrame([[images, *total.ravel().tolist()]], columns=["images", *_confusion_columns(n_classes)])
+
+    return run
+
+
+def run_evaluate(spark: SparkSession, *, evaluate: EvaluateConfig) -> EvaluationReport:
+    """Measure ``evaluate.model`` on the ``evaluate.split`` of an ingested dataset.
+
+    Each task predicts its rows and returns one confusion matrix; Spark sums them (a partial sum per
+    executor, then one on the driver). The report is written to ``<output>/metrics.json`` with, if
+    ``evaluate.preview_images`` > 0, a predictions grid in ``<output>/predictions.png``.
+
+    Raises
+    ------
+    InputError
+        When the model is missing or not a petseg model, or the dataset or split is missing or empty.
+    """
+    from petseg.inference import model_version, resolve_model
+
+    start = time.perf_counter()
+    _, metadata = resolve_model(str(evaluate.model))
+    classes = list(metadata["classes"])
+    dataset, split = str(evaluate.dataset), evaluate.split
+    storage = Storage(spark)
+    if not storage.exists(f"{dataset.rstrip('/')}/{SPLIT}={split}"):
+        raise InputError(
+            f"evaluate.dataset={dataset!r} has no {SPLIT}={split} folder; point it at a dataset written by "
+            "`petseg ingest` (or set evaluate.split)"
+        )
+    rows = spark.read.parquet(dataset).where(F.col(SPLIT) == split).select("id", "image", "mask")
+    threads = int(spark.sparkContext.getConf().get("spark.task.cpus", "1"))
+    columns = _confusion_columns(len(classes))
+    schema = StructType([StructField(name, LongType(), False) for name in ["images", *columns]])
+    per_partition = rows.mapInPandas(
+        _confusion_per_partition(str(evaluate.model), batch_size=evaluate.batch_size, n_classes=len(classes), threads=threads),
+        schema,
+    )
+    summed = per_partition.agg(*[F.sum(c).alias(c) for c in ["images", *columns]]).first()
+    images = int(summed["images"] or 0)
+    if not images:
+        raise InputError(f"the {split} split of {dataset} has no rows; re-run ingest or choose another evaluate.split")
+    confusion = np.array([int(summed[c]) for c in columns], np.int64).reshape(len(classes), len(classes))
+    report = EvaluationReport(
+        model_uri=str(evaluate.model),
+        model_version=model_version(metadata),
+        dataset=dataset,
+        split=split,
+        images=images,
+        pixels=int(confusion.sum()),
+        metrics=Metrics.from_confusion(confusion, classes),
+        output=str(evaluate.output),
+        seconds=round(time.perf_counter() - start, 2),
+    )
+    preview = _preview(rows, evaluate) if evaluate.preview_images else None
+    with storage.atomic_output(str(evaluate.output)) as tmp:
+        storage.write_bytes(f"{tmp}/{METRICS_FILE}", report.to_json().encode())
+        if preview is not None:
+            storage.write_bytes(f"{tmp}/{PREDICTIONS_FILE}", preview)
+    log.info("evaluate wrote %s", evaluate.output)
+    return report
+
+
+def _preview(rows, evaluate: EvaluateConfig) -> bytes:
+    """The predictions grid for the first ``preview_images`` rows, predicted on the driver."""
+    from petseg.images import decode_for_model, decode_label_mask
+    from petseg.inference import load_model, predict_labels
+    from petseg.plots import predictions_png
+
+    sample = rows.orderBy("id").limit(evaluate.preview_images).collect()
+    loaded = load_model(str(evaluate.model))
+    images = np.stack([decode_for_model(r["image"], size=loaded.image_size)[0] for r in sample])
+    masks = np.stack([decode_label_mask(r["mask"]) for r in sample])
+    predicted = predict_labels(loaded, images, batch_size=evaluate.batch_size)
+    return predictions_png([r["id"] for r in sample], images, masks, predicted)

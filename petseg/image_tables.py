@@ -1,0 +1,174 @@
+"""Reading what the inference job segments: a petseg dataset, a Parquet dataset or table of image
+bytes, or a folder of image files, as one frame of (key, image bytes or path, height, width)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import BinaryType, StringType, StructField, StructType
+
+from petseg.config import InferConfig, InputFormat
+from petseg.images import RejectedInput
+from petseg.sources import InputError
+from petseg.storage import Storage
+
+#: Key columns tried, in order, when infer.key_column is null.
+KEY_CANDIDATES = ("id", "path", "key")
+#: Rows per task when the job lists files itself: a few Arrow batches, so the per-task cost stays
+#: small beside the model's work, and enough tasks to spread over the cluster.
+FILES_PER_TASK = 1024
+
+
+@dataclass(frozen=True)
+class ImageTable:
+    """The rows to segment: ``key``, then ``image`` (bytes) or ``path`` (a file to read), and the
+    original ``height``/``width`` where the bytes were already resized (a petseg dataset)."""
+
+    frame: DataFrame
+    key: str
+    format: InputFormat
+    reads_files: bool
+    has_sizes: bool
+
+
+def detect_format(spark: SparkSession, url: str) -> InputFormat:
+    """petastorm (a folder with Petastorm metadata), parquet (a folder of Parquet or a .parquet
+    file), else images (a folder or glob of image files)."""
+    storage = Storage(spark)
+    if any(c in url for c in "*?[{"):
+        return InputFormat.images
+    if storage.exists(f"{url.rstrip('/')}/_common_metadata"):
+        return InputFormat.petastorm
+    if url.endswith(".parquet") or storage.glob(url, "*.parquet") or storage.glob(url, "*=*/*.parquet"):
+        return InputFormat.parquet
+    if not storage.exists(url):
+        raise InputError(f"infer.input={url!r} does not exist; pass a dataset URL, a table name or a folder of images")
+    return InputFormat.images
+
+
+def load_image_table(spark: SparkSession, *, infer: InferConfig) -> ImageTable:
+    """The configured input as an :class:`ImageTable`, limited and partitioned as configured.
+
+    Raises
+    ------
+    InputError
+        When the input is missing or empty, or lacks the configured image or key column.
+    """
+    url = str(infer.input)
+    fmt = infer.input_format if infer.input_format is not InputFormat.auto else detect_format(spark, url)
+    if fmt is InputFormat.images:
+        return _image_files(spark, url, infer)
+    if fmt is InputFormat.table:
+        if not spark.catalog.tableExists(url):
+            raise InputError(f"infer.input={url!r} is not a table in the catalog; check the name or pass a path")
+        frame = spark.table(url)
+    else:
+        try:
+            frame = spark.read.parquet(url)
+        except Exception as exc:  # AnalysisException: path missing or not Parquet
+            raise InputError(f"cannot read infer.input={url!r} as Parquet ({_first_line(exc)}); check the path") from None
+    image = infer.image_column
+    binary = [f.name for f in frame.schema.fields if isinstance(f.dataType, BinaryType)]
+    if image not in frame.columns or image not in binary:
+        raise InputError(
+            f"infer.image_column={image!r} is not a binary column of {url}; "
+            f"binary columns there: {', '.join(binary) or 'none'}"
+        )
+    key = _key_column(frame, infer.key_column, url)
+    has_sizes = fmt is InputFormat.petastorm and {"height", "width"} <= set(frame.columns)
+    columns = [F.col(key), F.col(image).alias("image")]
+    if has_sizes:
+        # A petseg dataset stores images resized to the model's size; masks go back to the original.
+        columns += [F.col("height").cast("int"), F.col("width").cast("int")]
+    frame = frame.select(*columns)
+    if infer.limit:
+        frame = frame.limit(infer.limit)
+    parallelism = spark.sparkContext.defaultParallelism
+    wanted = infer.partitions or max(parallelism, frame.rdd.getNumPartitions())
+    if wanted != frame.rdd.getNumPartitions() or infer.limit:
+        frame = frame.repartition(wanted)
+    return ImageTable(frame=frame, key=key, format=fmt, reads_files=False, has_sizes=has_sizes)
+
+
+def _image_files(spark: SparkSession, url: str, infer: InferConfig) -> ImageTable:
+    # Listed on the driver rather than with Spark's binaryFile source, which silently skips
+    # zero-length files (SPARK-26161) and fails the whole job on one unreadable file; here each
+    # becomes a row with an error.
+    files = Storage(spark).list_files(url)
+    if not files:
+        raise InputError(f"infer.input={url!r} matches no files; check the folder or glob")
+    files.sort()
+    if infer.limit:
+        files = files[: infer.limit]
+    partitions = infer.partitions or max(spark.sparkContext.defaultParallelism, math.ceil(len(files) / FILES_PER_TASK))
+    schema = StructType([StructField("path", StringType(), False)])
+    frame = spark.createDataFrame(pd.DataFrame({"path": [p for p, _ in files]}), schema).repartition(partitions)
+    return ImageTable(frame=frame, key="path", format=InputFormat.images, reads_files=True, has_sizes=False)
+
+
+def _key_column(frame: DataFrame, configured: str | None, url: str) -> str:
+    if configured:
+        if configured not in frame.columns:
+            raise InputError(
+                f"infer.key_column={configured!r} is not a column of {url}; columns: {', '.join(frame.columns)}"
+            )
+        return configured
+    for name in KEY_CANDIDATES:
+        if name in frame.columns:
+            return name
+    raise InputError(
+        f"{url} has none of the key columns {', '.join(KEY_CANDIDATES)}; set infer.key_column to one of: "
+        f"{', '.join(frame.columns)}"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def read_file(url: str) -> bytes:
+    """The bytes of one file, on an executor.
+
+    Local paths (including Databricks' /dbfs and /Volumes mounts) are opened directly; other
+    schemes through pyarrow's file systems (s3a:// is read as s3://).
+
+    Raises
+    ------
+    RejectedInput
+        ``file_unreadable``, naming the file and the operating system's reason.
+    """
+    try:
+        if url.startswith("file:"):
+            with open(_local_path(url), "rb") as handle:
+                return handle.read()
+        fs, path = _filesystem(url)
+        with fs.open_input_stream(path) as stream:
+            return stream.readall()
+    except (OSError, ValueError) as exc:
+        raise RejectedInput("file_unreadable", f"{url}: {exc}") from None
+
+
+def _local_path(url: str) -> str:
+    return unquote(urlparse(url).path)
+
+
+@lru_cache(maxsize=8)
+def _filesystem_for(root: str) -> Any:
+    """One pyarrow file system per scheme and host per worker: creating one (an S3 client, an HDFS
+    connection) costs far more than reading a photo."""
+    from pyarrow import fs
+
+    return fs.FileSystem.from_uri(root)[0]
+
+
+def _filesystem(url: str) -> tuple[Any, str]:
+    parsed = urlparse("s3://" + url[len("s3a://"):] if url.startswith("s3a://") else url)
+    path = parsed.path if parsed.scheme in ("hdfs", "viewfs") else parsed.netloc + parsed.path
+    return _filesystem_for(f"{parsed.scheme}://{parsed.netloc}"), unquote(path)
