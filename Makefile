@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.petseg-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench lock java clean
+.PHONY: demo test bench package cluster-demo lock java clean
 
 # Spark needs a JVM; say how to get one instead of failing deep inside py4j.
 java:
@@ -18,7 +18,7 @@ java:
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,package]'
 	@touch $@
 
 # Ingest synthetic pets on local Spark with the embedded default (conf/local.yaml).
@@ -34,6 +34,19 @@ bench: java $(STAMP)
 	$(PY) bench/ingest.py
 	$(PY) bench/train.py
 	$(PY) bench/infer.py
+
+# For clusters whose nodes lack the libraries: the petseg wheel, and a relocatable environment
+# (venv-pack) with petseg and every pinned dependency, for
+#   spark-submit --archives $(DIST)/petseg-env.tar.gz#env --conf spark.pyspark.python=./env/bin/python ...
+# The nodes need the same Python (3.11) at the same path as this machine: venv-pack links to it.
+DIST     ?= dist
+PACK_ENV ?= build/pack-env
+package: $(STAMP)
+	rm -rf $(DIST) $(PACK_ENV)
+	$(PY) -m build --wheel --outdir $(DIST) .
+	"$$($(PY) -c 'import sys; print(sys._base_executable)')" -m venv $(PACK_ENV)
+	$(PACK_ENV)/bin/python -m pip install --quiet -c constraints.txt $(DIST)/petseg-*.whl
+	$(VENV)/bin/venv-pack --prefix $(PACK_ENV) --output $(DIST)/petseg-env.tar.gz --compress-level 1 --force --quiet
 
 # Re-pin constraints.txt from the current environment after changing dependencies.
 lock: $(STAMP)

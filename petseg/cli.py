@@ -45,9 +45,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"petseg {invocation.job}: {exc}", file=sys.stderr)
         return 1
     finally:
-        spark.stop()
+        # Stop only a session petseg started itself: on Databricks, or under spark-submit, the
+        # session belongs to the cluster or the submitter (stopping Databricks' context fails the job).
+        if cfg.spark.master is not None:
+            spark.stop()
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script: exit with :func:`main`'s status, so that a failed job fails its process
+    (Databricks' python_wheel_task, shells, schedulers) rather than returning a number nobody reads."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

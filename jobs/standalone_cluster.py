@@ -1,0 +1,145 @@
+"""Start or stop a real Spark standalone cluster on 127.0.0.1, from the pip pyspark's own launchers.
+
+    python jobs/standalone_cluster.py start --dir build/cluster [--workers 2 --cores 1 --memory 3g]
+    python jobs/standalone_cluster.py stop --dir build/cluster
+
+``start`` runs one Master and the Workers with ``bin/spark-class`` (SPARK_HOME is the installed
+pyspark package), waits until the master reports every worker alive, records their process ids
+in ``<dir>/cluster.json`` and prints the master URL for ``spark-submit --master``. ``stop`` ends
+exactly those processes, by id. Logs go to ``<dir>/logs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+STATE_FILE = "cluster.json"
+HOST = "127.0.0.1"
+
+
+def spark_home() -> Path:
+    import pyspark
+
+    return Path(pyspark.__file__).resolve().parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _launch(args: list[str], *, log: Path, env: dict[str, str]) -> subprocess.Popen:
+    # spark-class ends in `exec java ...`, so the id we record is the JVM's own.
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [str(spark_home() / "bin" / "spark-class"), *args],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+
+
+def _master_state(ui_port: int) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{ui_port}/json/", timeout=2) as response:
+            return json.load(response)
+    except (OSError, ValueError):
+        return None
+
+
+def start(*, directory: Path, workers: int, cores: int, memory: str, timeout: float = 120.0) -> dict:
+    directory.mkdir(parents=True, exist_ok=True)
+    if (directory / STATE_FILE).exists():
+        raise SystemExit(f"{directory / STATE_FILE} exists: a cluster may be running; run `stop --dir {directory}` first")
+    logs = directory / "logs"
+    logs.mkdir(exist_ok=True)
+    env = dict(os.environ, SPARK_HOME=str(spark_home()), SPARK_LOG_DIR=str(logs), SPARK_NO_DAEMONIZE="1")
+    port, ui_port = _free_port(), _free_port()
+    url = f"spark://{HOST}:{port}"
+    master = _launch(
+        ["org.apache.spark.deploy.master.Master", "--host", HOST, "--port", str(port), "--webui-port", str(ui_port)],
+        log=logs / "master.log", env=env,
+    )
+    state = {"master_url": url, "master_ui": f"http://{HOST}:{ui_port}", "pids": [master.pid]}
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=2))  # written first, so `stop` can always clean up
+    for i in range(workers):
+        work_dir = directory / f"worker-{i}"
+        work_dir.mkdir(exist_ok=True)
+        worker = _launch(
+            ["org.apache.spark.deploy.worker.Worker", "--host", HOST, "--cores", str(cores), "--memory", memory,
+             "--work-dir", str(work_dir), "--webui-port", str(_free_port()), url],
+            log=logs / f"worker-{i}.log", env=env,
+        )
+        state["pids"].append(worker.pid)
+        (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = _master_state(ui_port)
+        alive = [w for w in (seen or {}).get("workers", []) if w.get("state") == "ALIVE"]
+        if seen and seen.get("status") == "ALIVE" and len(alive) == workers:
+            return state
+        if master.poll() is not None:
+            break
+        time.sleep(1)
+    stop(directory=directory)
+    raise SystemExit(f"the standalone cluster did not come up within {timeout:.0f} s; see the logs in {logs}")
+
+
+def stop(*, directory: Path, grace: float = 20.0) -> None:
+    state_file = directory / STATE_FILE
+    if not state_file.exists():
+        return
+    pids = json.loads(state_file.read_text())["pids"]
+    for pid in reversed(pids):  # workers first: each one ends its executors as it shuts down
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    for pid in pids:
+        while time.monotonic() < deadline and _running(pid):
+            time.sleep(0.2)
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
+    state_file.unlink()
+
+
+def _running(pid: int) -> bool:
+    try:
+        # Reap it if it is our child (the test's case); otherwise just probe it.
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("start", "stop"))
+    parser.add_argument("--dir", type=Path, default=Path("build/cluster"), help="state, logs and work folders")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--cores", type=int, default=1, help="cores per worker")
+    parser.add_argument("--memory", default="3g", help="memory per worker")
+    args = parser.parse_args()
+    if args.command == "start":
+        state = start(directory=args.dir, workers=args.workers, cores=args.cores, memory=args.memory)
+        print(state["master_url"])
+    else:
+        stop(directory=args.dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
