@@ -10,4 +10,4 @@ from petseg.session import get_or_create
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_job_arguments(sys.argv[1:], job="infer")
-    print(run_infer(get_or_create(cfg.spark), infer=cfg.infer).format())
+    print(run_infer(get_or_create(cfg.spark), infer=cfg.infer, tracking=cfg.mlflow).format())

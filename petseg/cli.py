@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if invocation.job in ("infer", "demo"):
             from petseg.infer import run_infer
 
-            print(run_infer(spark, infer=cfg.infer).format(), flush=True)
+            print(run_infer(spark, infer=cfg.infer, tracking=cfg.mlflow).format(), flush=True)
         if invocation.job in ("evaluate", "demo"):
             from petseg.evaluate import run_evaluate
 

@@ -143,6 +143,13 @@ class EvaluateConfig:
 
 
 @dataclass
+class MlflowConfig:
+    enabled: bool = MISSING
+    tracking_uri: Optional[str] = MISSING
+    experiment: Optional[str] = MISSING
+
+
+@dataclass
 class Config:
     spark: SparkConfig = field(default_factory=SparkConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -150,6 +157,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
 class ConfigError(ValueError):
@@ -216,6 +224,15 @@ def validate(cfg: Config, *, job: str = "ingest") -> None:
         _validate_infer(cfg)
     if "evaluate" in sections:
         _validate_evaluate(cfg)
+    if cfg.mlflow.enabled and {"train", "infer"} & set(sections):
+        import importlib.util
+
+        _require(
+            importlib.util.find_spec("mlflow") is not None,
+            "mlflow.enabled",
+            True,
+            "false, or install MLflow first (pip install 'petseg[mlflow]'; Databricks runtimes have it)",
+        )
 
 
 def _validate_data(cfg: Config) -> None:

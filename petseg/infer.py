@@ -15,9 +15,10 @@ from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
 from pyspark.sql.types import BinaryType, DoubleType, IntegerType, StringType, StructField, StructType
 
-from petseg.config import InferConfig, is_table_name
+from petseg.config import InferConfig, MlflowConfig, is_table_name, to_dict
 from petseg.images import CLASSES, RejectedInput
 from petseg.storage import Storage
+from petseg.tracking import flatten, tracked_run
 
 log = logging.getLogger(__name__)
 
@@ -159,13 +160,16 @@ class InferReport:
         return "\n".join(lines)
 
 
-def run_infer(spark: SparkSession, *, infer: InferConfig) -> InferReport:
+def run_infer(spark: SparkSession, *, infer: InferConfig, tracking: MlflowConfig | None = None) -> InferReport:
     """Segment every row of ``infer.input`` and write the masks to ``infer.output``.
 
     The output holds the input's key, ``mask_png`` at the original resolution, ``mask_model_png``
     (with ``infer.model_resolution``), ``height``, ``width``, ``fraction_<class>``, ``model_uri``,
     ``model_version`` and ``error``. A path is written as Parquet, atomically; a table name with
     ``saveAsTable``, overwriting. Bad rows are kept with an error; the counts come back.
+
+    With ``tracking`` enabled, an MLflow run records the model version used, the input, the
+    output and the counts.
 
     Raises
     ------
@@ -178,7 +182,15 @@ def run_infer(spark: SparkSession, *, infer: InferConfig) -> InferReport:
     start = time.perf_counter()
     _, metadata = resolve_model(str(infer.model))  # fail before touching the input
     version = model_version(metadata)
-    return _segment_and_write(spark, infer=infer, version=version, start=start)
+    params = {**flatten({"infer": to_dict(infer)}), "model_version": version,
+              "model_mlflow_run_id": metadata.get("mlflow_run_id")}
+    with tracked_run(tracking, name="petseg-infer", params=params,
+                     tags={"petseg.job": "infer", "petseg.model_version": version}) as tracked:
+        report = _segment_and_write(spark, infer=infer, version=version, start=start)
+        if tracked is not None:
+            tracked.log_metrics({"rows": report.rows, "segmented": report.segmented,
+                                 "failed": sum(report.failed.values()), "rows_per_s": report.rows / report.seconds})
+    return report
 
 
 def _segment_and_write(spark: SparkSession, *, infer: InferConfig, version: str, start: float) -> InferReport:

@@ -182,3 +182,30 @@ def test_demo_learns(tmp_path):
     assert abs(metrics["pixel_accuracy"] - final["val_pixel_accuracy"]) < 0.02, (metrics, final)
     assert "pixel accuracy" in done.stdout and (tmp_path / "eval" / "predictions.png").exists()
 
+
+def test_mlflow_tracks_training_and_the_inference_that_uses_it(spark, tiny_dataset, tmp_path, monkeypatch):
+    import mlflow
+
+    from petseg.infer import run_infer
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps local file stores behind this switch
+    tracking = [f"mlflow.tracking_uri=file://{tmp_path / 'mlruns'}", "mlflow.enabled=true", "mlflow.experiment=petseg-test"]
+    result = run_train(spark, cfg=train_config(tmp_path, tiny_dataset, "train.local_mode=true", *tracking))
+    meta = json.loads((tmp_path / "run" / "petseg-model.json").read_text())
+    client = mlflow.MlflowClient(tracking_uri=f"file://{tmp_path / 'mlruns'}")
+    run = client.get_run(meta["mlflow_run_id"])  # the model's metadata names its run
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.n_depth"] == "2" and run.data.params["train.epochs"] == "2"
+    history = client.get_metric_history(run.info.run_id, "val_pixel_accuracy")
+    assert [m.step for m in history] == [1, 2]  # per epoch
+    assert history[-1].value == pytest.approx(result.final_metrics["val_pixel_accuracy"])
+    assert {"model", "petseg-model.json", "history.json", "curves.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "model/saved_model.pb" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    # The inference job records which model version it used.
+    infer_cfg = config.load(overrides=[f"infer.model={tmp_path / 'run'}", f"infer.input={tiny_dataset}", "infer.limit=4",
+                                       f"infer.output={tmp_path / 'masks'}", *tracking], job="infer")
+    run_infer(spark, infer=infer_cfg.infer, tracking=infer_cfg.mlflow)
+    [infer_run] = client.search_runs([run.info.experiment_id], "tags.`petseg.job` = 'infer'")
+    assert infer_run.data.params["model_version"] == meta["run_id"]
+    assert infer_run.data.params["model_mlflow_run_id"] == run.info.run_id
+    assert infer_run.data.metrics["segmented"] == 4

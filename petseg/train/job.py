@@ -12,6 +12,7 @@ from petseg.config import Config, to_dict
 from petseg.progress import progress_server
 from petseg.reader import split_stats
 from petseg.sources import InputError
+from petseg.tracking import flatten, tracked_run
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,17 @@ def run_train(spark: SparkSession, *, cfg: Config) -> TrainResult:
              workers, stats["train"][0], stats["test"][0], t.batch_size)
     from petseg.train.task import train_task
 
-    with progress_server(host=host) as (address, records):
-        result = runner.run(train_task, spec=spec, progress_address=address)
+    sections = {name: to_dict(getattr(cfg, name)) for name in ("data", "model", "train")}
+    with tracked_run(cfg.mlflow, name="petseg-train", params={**flatten(sections), "workers": workers},
+                     tags={"petseg.job": "train"}) as tracked:
+        if tracked is not None:
+            spec["mlflow_run_id"] = tracked.run_id  # the chief writes it into the model's metadata
+        with progress_server(host=host) as (address, records):
+            result = runner.run(train_task, spec=spec, progress_address=address)
+        if tracked is not None:
+            tracked.log_history(result["history"])
+            tracked.log_artifacts(result["model_dir"], artifact_path="model")
+            for path in result["outputs"].values():
+                tracked.log_artifacts(path)
     return TrainResult(workers=workers, history=result["history"], model_dir=result["model_dir"],
                        outputs=result["outputs"], final_metrics=result["final_metrics"], progress=list(records))

@@ -26,6 +26,8 @@ def write_outputs(*, output_dir: Path, spec: dict[str, Any], history: list[dict[
         "format": "petseg-model/1",
         # Which model an inference output came from: every run gets its own id.
         "run_id": uuid.uuid4().hex,
+        # The MLflow run that holds this model's params, metrics and artifacts (null: not tracked).
+        "mlflow_run_id": spec.get("mlflow_run_id"),
         "model_path": "model",
         "image_size": data["image_size"],
         "classes": list(CLASSES),
