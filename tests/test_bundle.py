@@ -1,0 +1,75 @@
+"""The Databricks bundle against the code: entry points exist, every parameter is a key the job accepts."""
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from petseg import config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bundle() -> dict:
+    bundle = yaml.safe_load((ROOT / "databricks.yml").read_text())
+    for pattern in bundle.get("include", []):
+        for path in sorted(ROOT.glob(pattern)):
+            for key, value in yaml.safe_load(path.read_text())["resources"].items():
+                bundle.setdefault("resources", {}).setdefault(key, {}).update(value)
+    return bundle
+
+
+def _substitute(value: str, variables: dict[str, str], target: str) -> str:
+    def one(match: re.Match) -> str:
+        name = match.group(1)
+        if name == "bundle.target":
+            return target
+        assert name.startswith("var.") and name[4:] in variables, f"undefined bundle variable ${{{name}}}"
+        return str(variables[name[4:]])
+
+    return re.sub(r"\$\{([^}]+)\}", one, value)
+
+
+BUNDLE = _bundle()
+TARGETS = list(BUNDLE["targets"])
+TASKS = [(job, task) for job, spec in BUNDLE["resources"]["jobs"].items() for task in spec["tasks"]]
+
+
+def test_bundle_shape():
+    assert set(TARGETS) == {"dev", "prod"} and BUNDLE["targets"]["prod"]["mode"] == "production"
+    job = BUNDLE["resources"]["jobs"]["petseg_pipeline"]
+    assert [t["task_key"] for t in job["tasks"]] == ["ingest", "train", "infer", "evaluate"]
+    cluster = job["job_clusters"][0]["new_cluster"]
+    assert cluster["spark_version"].startswith("15.4.") and "gpu-ml" in cluster["spark_version"]
+    assert cluster["spark_conf"]["spark.task.resource.gpu.amount"] == "1"
+    assert cluster["spark_env_vars"]["TF_USE_LEGACY_KERAS"] == "1"
+    keys = {t["job_cluster_key"] for t in job["tasks"]}
+    assert keys <= {c["job_cluster_key"] for c in job["job_clusters"]}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("job,task", TASKS, ids=[t["task_key"] for _, t in TASKS])
+def test_every_task_runs_a_console_script_with_valid_keys(job, task, target):
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    wheel_task = task["python_wheel_task"]
+    assert wheel_task["package_name"] == "petseg"
+    assert wheel_task["entry_point"] in scripts, f"{wheel_task['entry_point']} is not in [project.scripts]"
+    variables = {name: spec.get("default") for name, spec in BUNDLE["variables"].items()}
+    variables.update(BUNDLE["targets"][target].get("variables", {}))
+    args = [_substitute(str(a), variables, target) for a in wheel_task["parameters"]]
+    # The same parser the entry point runs: an unknown key, a bad value or a missing required key fails.
+    invocation = config.parse_command_line(args)
+    assert invocation.job == task["task_key"]
+    cfg = invocation.config
+    # Paths are Unity Catalog volumes (local mounts on Databricks) and outputs can be catalog tables.
+    if invocation.job == "infer":
+        assert cfg.infer.output.count(".") == 2 and config.is_table_name(cfg.infer.output)
+        assert cfg.infer.model.startswith("file:///Volumes/")
+    if invocation.job in ("ingest", "train"):
+        assert cfg.data.dataset.startswith("file:///Volumes/")
+    if invocation.job == "train":
+        assert cfg.train.use_gpu and cfg.train.num_slots == int(variables["gpu_workers"])
+    if invocation.job in ("train", "infer"):  # a job has no notebook experiment: name one
+        assert cfg.mlflow.enabled and cfg.mlflow.experiment == variables["experiment"]
