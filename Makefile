@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,package]'
 	@touch $@
 
-# Ingest synthetic pets on local Spark with the embedded default (conf/local.yaml).
+# The whole pipeline on local Spark with the embedded default (conf/local.yaml): ingest -> train -> infer -> evaluate.
 demo: java $(STAMP)
 	$(VENV)/bin/petseg demo
 
