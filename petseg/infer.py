@@ -17,6 +17,7 @@ from pyspark.sql.types import BinaryType, DoubleType, IntegerType, StringType, S
 
 from petseg.config import InferConfig, MlflowConfig, is_table_name, to_dict
 from petseg.images import CLASSES, RejectedInput
+from petseg.sources import InputError
 from petseg.storage import Storage
 from petseg.tracking import flatten, tracked_run
 
@@ -197,6 +198,12 @@ def _segment_and_write(spark: SparkSession, *, infer: InferConfig, version: str,
     from petseg.image_tables import load_image_table
 
     table = load_image_table(spark, infer=infer)
+    taken = [f.name for f in SEGMENTATION_SCHEMA.fields] + ["model_uri", "model_version"]
+    if table.key in taken:
+        raise InputError(
+            f"the key column {table.key!r} has the name of an output column ({', '.join(taken)}); "
+            "set infer.key_column to another column, or rename it"
+        )
     threads = int(spark.sparkContext.getConf().get("spark.task.cpus", "1"))
     segmentation = segment_column(
         "path" if table.reads_files else "image",
