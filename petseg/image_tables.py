@@ -4,10 +4,12 @@ bytes, or a folder of image files, as one frame of (key, image bytes or path, he
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from functools import lru_cache
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlunparse
 
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
@@ -101,16 +103,60 @@ def _image_files(spark: SparkSession, url: str, infer: InferConfig) -> ImageTabl
     # Listed on the driver rather than with Spark's binaryFile source, which silently skips
     # zero-length files (SPARK-26161) and fails the whole job on one unreadable file; here each
     # becomes a row with an error.
-    files = Storage(spark).list_files(url)
+    try:
+        files = sorted(list_files(url))
+    except OSError as exc:
+        raise InputError(f"cannot list infer.input={url!r}: {exc}") from None
     if not files:
         raise InputError(f"infer.input={url!r} matches no files; check the folder or glob")
-    files.sort()
     if infer.limit:
         files = files[: infer.limit]
     partitions = infer.partitions or max(spark.sparkContext.defaultParallelism, math.ceil(len(files) / FILES_PER_TASK))
     schema = StructType([StructField("path", StringType(), False)])
-    frame = spark.createDataFrame(pd.DataFrame({"path": [p for p, _ in files]}), schema).repartition(partitions)
+    frame = spark.createDataFrame(pd.DataFrame({"path": files}), schema).repartition(partitions)
     return ImageTable(frame=frame, key="path", format=InputFormat.images, reads_files=True, has_sizes=False)
+
+
+def list_files(url: str) -> list[str]:
+    """URLs of every file under a folder (recursively), or matching a glob, on the driver.
+
+    Globs follow Hadoop's: ``*``, ``?`` and ``[...]`` within one path component, ``{a,b}``
+    alternatives; a matching folder contributes every file under it. Names starting with ``.`` or
+    ``_`` are hidden, as Spark treats them. pyarrow lists a whole tree in one native call (~50 us a
+    file here), where walking Hadoop's iterator through py4j costs ~4 ms a file.
+    """
+    parsed = urlparse(url)
+    parts = parsed.path.split("/")
+    first_glob = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[{")), None)
+    base_path = "/".join(parts[:first_glob]) if first_glob is not None else parsed.path
+    base_url = urlunparse(parsed._replace(path=base_path))
+    fs, base = _filesystem(base_url)
+    from pyarrow import fs as pafs
+
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.File:
+        return [base_url] if first_glob is None else []
+    if info.type != pafs.FileType.Directory:
+        return []
+    patterns = [p.split("/") for p in _expand_braces("/".join(parts[first_glob:]))] if first_glob is not None else [[]]
+    found = []
+    for entry in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        if entry.type != pafs.FileType.File:
+            continue
+        relative = entry.path[len(base.rstrip("/")) + 1:].split("/")
+        if any(part.startswith((".", "_")) and "=" not in part for part in relative):
+            continue
+        if any(len(relative) >= len(p) and all(fnmatchcase(r, q) for r, q in zip(relative, p)) for p in patterns):
+            found.append(urlunparse(parsed._replace(path=f"{base_path.rstrip('/')}/{'/'.join(relative)}")))
+    return found
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    head, tail = pattern[: match.start()], pattern[match.end():]
+    return [expanded for option in match.group(1).split(",") for expanded in _expand_braces(head + option + tail)]
 
 
 def _key_column(frame: DataFrame, configured: str | None, url: str) -> str:
@@ -169,6 +215,10 @@ def _filesystem_for(root: str) -> Any:
 
 
 def _filesystem(url: str) -> tuple[Any, str]:
+    if url.startswith("file:"):
+        from pyarrow import fs
+
+        return fs.LocalFileSystem(), _local_path(url)
     parsed = urlparse("s3://" + url[len("s3a://"):] if url.startswith("s3a://") else url)
     path = parsed.path if parsed.scheme in ("hdfs", "viewfs") else parsed.netloc + parsed.path
     return _filesystem_for(f"{parsed.scheme}://{parsed.netloc}"), unquote(path)

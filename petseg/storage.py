@@ -42,33 +42,6 @@ class Storage:
         statuses = fs.globStatus(path) or []
         return [(str(s.getPath().toString()), int(s.getLen())) for s in statuses if s.isFile()]
 
-    def list_files(self, url: str) -> list[tuple[str, int]]:
-        """(path, length) of every file under a folder (recursively) or matching a glob.
-
-        Zero-length files are kept (Spark's file sources skip them, SPARK-26161, and a caller that
-        must account for every file cannot); names starting with ``.`` or ``_`` are hidden, as
-        Spark treats them.
-        """
-        fs, path = self._path(url)
-        if any(c in url for c in "*?[{"):
-            roots = [s for s in (fs.globStatus(path) or [])]
-        elif fs.exists(path):
-            roots = [fs.getFileStatus(path)]
-        else:
-            return []
-        found: list[tuple[str, int]] = []
-        for root in roots:
-            if root.isFile():
-                found.append((str(root.getPath().toString()), int(root.getLen())))
-                continue
-            files = fs.listFiles(root.getPath(), True)
-            while files.hasNext():
-                status = files.next()
-                name = status.getPath().getName()
-                if not name.startswith((".", "_")):
-                    found.append((str(status.getPath().toString()), int(status.getLen())))
-        return [(p, n) for p, n in found if not p.rsplit("/", 1)[-1].startswith((".", "_"))]
-
     def write_bytes(self, url: str, data: bytes) -> None:
         """Write a small file (a report, a PNG) through the cluster's FileSystem, replacing it."""
         fs, path = self._path(url)

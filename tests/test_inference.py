@@ -191,3 +191,23 @@ def test_job_fails_at_once_on_a_bad_model_or_input(spark, run_dir, tmp_path):
     with pytest.raises(config.ConfigError, match="infer.output=None is not allowed"):
         _infer(spark, f"infer.model={run_dir}", f"infer.input={src}")
     assert not (tmp_path / "o").exists()
+
+
+def test_listing_follows_hadoop_globs_and_spark_hidden_names(tmp_path):
+    from petseg.image_tables import list_files
+
+    for name in ["a.jpg", "b.png", "c.gif", "_SUCCESS", ".DS_Store", "sub/d.jpg", "2024-01/e.jpg", "_tmp/f.jpg",
+                 "part=1/g.jpg"]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    root = f"file://{tmp_path}"
+
+    def names(url):
+        return sorted(u[len(root) + 1:] for u in list_files(url))
+
+    assert names(root) == ["2024-01/e.jpg", "a.jpg", "b.png", "c.gif", "part=1/g.jpg", "sub/d.jpg"]
+    assert names(f"{root}/*.jpg") == ["a.jpg"]  # `*` stays within one path component
+    assert names(f"{root}/*.{{jpg,png}}") == ["a.jpg", "b.png"]
+    assert names(f"{root}/2024-*") == ["2024-01/e.jpg"]  # a matching folder brings its files
+    assert names(f"{root}/[as]*/*.jpg") == ["sub/d.jpg"]
+    assert list_files(f"{root}/a.jpg") == [f"{root}/a.jpg"] and list_files(f"{root}/missing") == []
