@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, StructField, StructType
 
@@ -168,7 +168,7 @@ def run_evaluate(spark: SparkSession, *, evaluate: EvaluateConfig) -> Evaluation
     return report
 
 
-def _preview(rows, evaluate: EvaluateConfig) -> bytes:
+def _preview(rows: DataFrame, evaluate: EvaluateConfig) -> bytes:
     """The predictions grid for the first ``preview_images`` rows, predicted on the driver."""
     from petseg.images import decode_for_model, decode_label_mask
     from petseg.inference import load_model, predict_labels
