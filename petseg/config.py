@@ -324,9 +324,6 @@ def _validate_infer(cfg: Config) -> None:
     if i.input_format is InputFormat.table or (i.input_format is InputFormat.auto and is_table_name(str(i.input))):
         i.input_format = InputFormat.table
     else:
-        _require(
-            i.input_format is not InputFormat.table, "infer.input_format", i.input_format.value, "a format matching the input"
-        )
         i.input = normalize_url(str(i.input), key="infer.input")
     if not is_table_name(str(i.output)):
         i.output = normalize_url(str(i.output), key="infer.output")

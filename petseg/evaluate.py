@@ -18,6 +18,7 @@ from pyspark.sql.types import LongType, StructField, StructType
 from petseg.config import EvaluateConfig
 from petseg.schema import SPLIT
 from petseg.sources import InputError
+from petseg.session import task_cpus
 from petseg.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def run_evaluate(spark: SparkSession, *, evaluate: EvaluateConfig) -> Evaluation
             "`petseg ingest` (or set evaluate.split)"
         )
     rows = spark.read.parquet(dataset).where(F.col(SPLIT) == split).select("id", "image", "mask")
-    threads = int(spark.sparkContext.getConf().get("spark.task.cpus", "1"))
+    threads = task_cpus(spark)
     columns = _confusion_columns(len(classes))
     schema = StructType([StructField(name, LongType(), False) for name in ["images", *columns]])
     per_partition = rows.mapInPandas(

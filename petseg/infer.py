@@ -18,6 +18,7 @@ from pyspark.sql.types import BinaryType, DoubleType, IntegerType, StringType, S
 from petseg.config import InferConfig, MlflowConfig, is_table_name, to_dict
 from petseg.images import CLASSES, RejectedInput
 from petseg.sources import InputError
+from petseg.session import task_cpus
 from petseg.storage import Storage
 from petseg.tracking import flatten, tracked_run
 
@@ -78,7 +79,7 @@ def segment_udf(
                     try:
                         values[i] = read_file(url)
                     except RejectedInput as exc:
-                        failed[i], values[i] = Segmentation(None, None, None, f"{exc.reason}: {exc.detail}"), None
+                        failed[i], values[i] = Segmentation.rejected(exc), None
             sizes = [
                 None if pd.isna(h) or pd.isna(w) else (int(h), int(w)) for h, w in zip(heights.tolist(), widths.tolist())
             ]
@@ -204,7 +205,7 @@ def _segment_and_write(spark: SparkSession, *, infer: InferConfig, version: str,
             f"the key column {table.key!r} has the name of an output column ({', '.join(taken)}); "
             "set infer.key_column to another column, or rename it"
         )
-    threads = int(spark.sparkContext.getConf().get("spark.task.cpus", "1"))
+    threads = task_cpus(spark)
     segmentation = segment_column(
         "path" if table.reads_files else "image",
         str(infer.model),

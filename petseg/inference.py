@@ -26,8 +26,8 @@ class LoadedModel:
     model: Any
     metadata: dict[str, Any]
     uri: str
-    #: The model as one graph for any batch size (see :func:`logits_function`); None: predict_on_batch.
-    logits: Any = None
+    #: The model as one graph for any batch size (see :func:`logits_function`).
+    logits: Any
 
     @property
     def image_size(self) -> int:
@@ -36,10 +36,6 @@ class LoadedModel:
     @property
     def classes(self) -> list[str]:
         return list(self.metadata["classes"])
-
-    @property
-    def version(self) -> str:
-        return model_version(self.metadata)
 
 
 def model_version(metadata: dict[str, Any]) -> str:
@@ -130,17 +126,20 @@ class Segmentation:
     fractions: tuple[float, ...] | None
     error: str | None
 
+    @classmethod
+    def rejected(cls, exc: RejectedInput) -> "Segmentation":
+        """No mask; the error column reads ``<reason>: <detail>``."""
+        return cls(None, None, None, str(exc))
+
 
 def predict_labels(loaded: LoadedModel, images: np.ndarray, *, batch_size: int) -> np.ndarray:
     """Argmax labels for uint8 (N, S, S, 3) images, ``batch_size`` at a time."""
     from petseg.model.preprocessing import preprocess
 
-    # A graph call per batch; calling the model eagerly would dispatch every layer's ops from Python.
-    predict = loaded.logits if loaded.logits is not None else loaded.model.predict_on_batch
     out = []
     for start in range(0, len(images), batch_size):
         batch = np.asarray(preprocess(images[start:start + batch_size], loaded.metadata["preprocessing"]), np.float32)
-        out.append(np.argmax(np.asarray(predict(batch)), axis=-1).astype(np.uint8))
+        out.append(np.argmax(np.asarray(loaded.logits(batch)), axis=-1).astype(np.uint8))
     return np.concatenate(out) if out else np.zeros((0, loaded.image_size, loaded.image_size), np.uint8)
 
 
@@ -176,7 +175,7 @@ def segment_images(
             if sizes is not None and sizes[i] is not None:
                 shape = _output_size(*sizes[i])
         except RejectedInput as exc:
-            results[i] = Segmentation(None, None, None, f"{exc.reason}: {exc.detail}")
+            results[i] = Segmentation.rejected(exc)
             continue
         ready.append(image)
         shapes.append(shape)

@@ -20,3 +20,8 @@ def get_or_create(spark_cfg: SparkConfig) -> SparkSession:
     for key, value in spark_cfg.conf.items():
         builder = builder.config(key, str(value))
     return builder.getOrCreate()
+
+
+def task_cpus(spark: SparkSession) -> int:
+    """Cores Spark gives each task (``spark.task.cpus``): the TensorFlow threads a UDF task may use."""
+    return int(spark.sparkContext.getConf().get("spark.task.cpus", "1"))

@@ -54,7 +54,7 @@ def write_outputs(*, output_dir: Path, spec: dict[str, Any], history: list[dict[
         # run collective ops that the other workers, already finished, can no longer join. This also
         # proves the export loads.
         paths["predictions"].write_bytes(
-            _preview(run_dir=output_dir, metadata=meta, dataset_url=data["dataset"], count=train_cfg["preview_images"])
+            _preview(run_dir=output_dir, dataset_url=data["dataset"], count=train_cfg["preview_images"])
         )
     else:
         del paths["predictions"]
@@ -69,17 +69,15 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _preview(*, run_dir: Path, metadata: dict[str, Any], dataset_url: str, count: int) -> bytes:
+def _preview(*, run_dir: Path, dataset_url: str, count: int) -> bytes:
     """The predictions grid for the first ``count`` test images, made with the exported model."""
     import numpy as np
 
-    from petseg.inference import LoadedModel, predict_labels
-    from petseg.model import keras_module
+    from petseg.inference import load_model, predict_labels
     from petseg.reader import open_split
 
     with open_split(dataset_url, split="test", fields=("id", "image", "mask"), workers_count=1) as reader:
         rows = [row for _, row in zip(range(count), reader)]
     images = np.stack([r.image for r in rows])
-    model = keras_module().models.load_model(str(run_dir / "model"), compile=False)
-    predicted = predict_labels(LoadedModel(model, metadata, str(run_dir)), images, batch_size=count)
+    predicted = predict_labels(load_model(str(run_dir)), images, batch_size=count)
     return predictions_png([r.id for r in rows], images, np.stack([r.mask for r in rows]), predicted)
