@@ -40,7 +40,7 @@ def plain_predict_rate(run: Path, photos: list[Path], *, batch: int) -> float:
     import numpy as np
     import tensorflow as tf
 
-    from petseg.images import decode_for_model
+    from petseg.data.decode import decode_for_model
     from petseg.model.preprocessing import preprocess
 
     model = tf.keras.models.load_model(str(run / "model"), compile=False)
@@ -63,7 +63,7 @@ def main() -> None:
     # The plain predict's pools: the job's two tasks' worth of cores (set before TensorFlow starts).
     tf.config.threading.set_intra_op_parallelism_threads(CORES)
     tf.config.threading.set_inter_op_parallelism_threads(CORES)
-    from petseg import synthetic
+    from petseg.data import render
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path, run = Path(tmp), Path(tmp) / "run"
@@ -71,13 +71,13 @@ def main() -> None:
         for i in range(args.count):
             path = tmp_path / "photos" / f"pet_{i:05d}.jpg"
             path.parent.mkdir(exist_ok=True)
-            path.write_bytes(synthetic.encode_jpeg(synthetic.render(i, seed=0, size=(500, 375)).image))
+            path.write_bytes(render.encode_jpeg(render.synthetic_pet(i, seed=0, size=(500, 375)).image))
             photos.append(path)
         run.mkdir()
         export_run(run)
 
         # The job first, so that this process's TensorFlow (the plain predict) does not share the cores.
-        from petseg.infer import run_infer
+        from petseg.infer.job import run_infer
         from petseg.session import get_or_create
 
         def job(*extra: str) -> tuple[float, object]:

@@ -16,9 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from petseg import config, synthetic
-from petseg.images import prepare_example
-from petseg.schema import pet_schema
+from petseg import config
+from petseg.data import render
+from petseg.data.decode import prepare_example
+from petseg.data.schema import pet_schema
 
 
 def bare_loop(root: Path, *, image_size: int, codec: str) -> tuple[int, float]:
@@ -46,7 +47,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "oxford"
-        synthetic.write_oxford_layout(root, count=args.count, seed=0, test_fraction=0.5, size=(500, 375))
+        render.write_oxford_layout(root, count=args.count, seed=0, test_fraction=0.5, size=(500, 375))
         cfg = config.parse_job_arguments(
             [
                 f"spark.master=local[{args.cores}]",
@@ -57,7 +58,7 @@ def main() -> None:
             ],
             local=True,
         )
-        from petseg.ingest import run_ingest
+        from petseg.ingest.convert import run_ingest
         from petseg.session import get_or_create
 
         spark = get_or_create(cfg.spark)

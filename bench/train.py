@@ -27,7 +27,7 @@ PLAIN_FIT = textwrap.dedent(
     import numpy as np
     from petseg.model import build_unet, keras_module, make_optimizer, preprocess, preprocessing_for
     from petseg.model import segmentation_loss, segmentation_metrics
-    from petseg.reader import open_split
+    from petseg.data.reader import open_split
     import tensorflow as tf
 
     spec = json.loads(sys.argv[1])
@@ -60,7 +60,7 @@ def reader_rate(dataset: str, *, batch: int) -> dict[str, float]:
     """
     import tensorflow as tf  # noqa: F401 - imported before timing
 
-    from petseg.reader import make_tf_dataset, open_split
+    from petseg.data.reader import make_tf_dataset, open_split
 
     with open_split(dataset, split="train", fields=("image", "mask"), workers_count=1) as reader:
         for _ in make_tf_dataset(reader).batch(batch).take(2):
@@ -93,7 +93,7 @@ def main() -> None:
              "train.preview_images=0", *args.overrides],
             local=True, job="demo",
         )
-        from petseg.ingest import run_ingest
+        from petseg.ingest.convert import run_ingest
         from petseg.session import get_or_create
         from petseg.train import run_train
 
@@ -134,7 +134,7 @@ def main() -> None:
 
 def _epoch_rate(result, cfg) -> float:
     """Images/s of the runner's last epoch: steps x global batch over its training time (validation excluded)."""
-    from petseg.reader import split_stats
+    from petseg.data.reader import split_stats
 
     train_rows = split_stats(cfg.data.dataset)["train"][0]
     steps = max(1, train_rows // cfg.train.batch_size)

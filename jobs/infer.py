@@ -4,7 +4,7 @@ import logging
 import sys
 
 from petseg.config import parse_job_arguments
-from petseg.infer import run_infer
+from petseg.infer.job import run_infer
 from petseg.session import get_or_create
 
 if __name__ == "__main__":

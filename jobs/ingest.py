@@ -4,7 +4,7 @@ import logging
 import sys
 
 from petseg.config import parse_job_arguments
-from petseg.ingest import run_ingest
+from petseg.ingest.convert import run_ingest
 from petseg.session import get_or_create
 
 if __name__ == "__main__":

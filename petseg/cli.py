@@ -20,13 +20,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"petseg: {exc}", file=sys.stderr)
         return 2
     from petseg.session import get_or_create
-    from petseg.sources import InputError
+    from petseg.errors import InputError
 
     cfg = invocation.config
     spark = get_or_create(cfg.spark)
     try:
         if invocation.job in ("ingest", "demo"):
-            from petseg.ingest import run_ingest
+            from petseg.ingest.convert import run_ingest
 
             print(run_ingest(spark, data=cfg.data).format(), flush=True)
         if invocation.job in ("train", "demo"):
@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(run_train(spark, cfg=cfg).format(), flush=True)
         if invocation.job in ("infer", "demo"):
-            from petseg.infer import run_infer
+            from petseg.infer.job import run_infer
 
             print(run_infer(spark, infer=cfg.infer, tracking=cfg.mlflow).format(), flush=True)
         if invocation.job in ("evaluate", "demo"):

@@ -16,10 +16,10 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, StructField, StructType
 
 from petseg.config import EvaluateConfig
-from petseg.schema import SPLIT
-from petseg.sources import InputError
+from petseg.data.schema import SPLIT
+from petseg.errors import InputError
 from petseg.session import task_cpus
-from petseg.storage import Storage
+from petseg.io.fs import Storage
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,8 @@ def _confusion_per_partition(
     model_uri: str, *, batch_size: int, n_classes: int, threads: int
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from petseg.images import decode_label_mask, decode_for_model, resize_mask
-        from petseg.inference import load_model, predict_labels
+        from petseg.data.decode import decode_label_mask, decode_for_model, resize_mask
+        from petseg.infer.segment import load_model, predict_labels
 
         loaded = load_model(model_uri, threads=threads)
         total, images = np.zeros((n_classes, n_classes), np.int64), 0
@@ -124,7 +124,7 @@ def run_evaluate(spark: SparkSession, *, evaluate: EvaluateConfig) -> Evaluation
     InputError
         When the model is missing or not a petseg model, or the dataset or split is missing or empty.
     """
-    from petseg.inference import model_version, resolve_model
+    from petseg.infer.segment import model_version, resolve_model
 
     start = time.perf_counter()
     _, metadata = resolve_model(str(evaluate.model))
@@ -171,8 +171,8 @@ def run_evaluate(spark: SparkSession, *, evaluate: EvaluateConfig) -> Evaluation
 
 def _preview(rows: DataFrame, evaluate: EvaluateConfig) -> bytes:
     """The predictions grid for the first ``preview_images`` rows, predicted on the driver."""
-    from petseg.images import decode_for_model, decode_label_mask
-    from petseg.inference import load_model, predict_labels
+    from petseg.data.decode import decode_for_model, decode_label_mask
+    from petseg.infer.segment import load_model, predict_labels
     from petseg.plots import predictions_png
 
     sample = rows.orderBy("id").limit(evaluate.preview_images).collect()

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from petseg.images import CLASSES
+from petseg.data.decode import CLASSES
 
 
 def _pyplot() -> Any:

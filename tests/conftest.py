@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from petseg import config, synthetic
+from petseg import config
+from petseg.data import render
 
 
 @pytest.fixture(scope="session")
@@ -49,21 +50,21 @@ class OxfordFixture:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.pets = synthetic.write_oxford_layout(root, count=12, seed=7, test_fraction=0.5)
+        self.pets = render.write_oxford_layout(root, count=12, seed=7, test_fraction=0.5)
         self.accepted: dict[str, str] = {p.stem: p.split for p in self.pets}
         self.expected_reasons: dict[str, str] = {}
         images, trimaps = root / "images", root / "annotations" / "trimaps"
 
         def add_pair(stem: str, image_bytes: bytes, trimap: np.ndarray | bytes, split: str | None = "train") -> None:
             (images / f"{stem}.jpg").write_bytes(image_bytes)
-            data = trimap if isinstance(trimap, bytes) else synthetic.encode_png(trimap)
+            data = trimap if isinstance(trimap, bytes) else render.encode_png(trimap)
             (trimaps / f"{stem}.png").write_bytes(data)
             if split:
                 name = "trainval.txt" if split == "train" else "test.txt"
                 with open(root / "annotations" / name, "a") as f:
                     f.write(f"{stem} 1 1 1\n")
 
-        pet = synthetic.render(100, seed=7, size=(90, 70))
+        pet = render.synthetic_pet(100, seed=7, size=(90, 70))
         rgb = Image.fromarray(pet.image)
         # Decodable by content although the extension lies, or unusual colour modes: all accepted.
         add_pair("Gif_1", _encode(rgb.convert("P"), "GIF"), pet.trimap)
@@ -75,13 +76,13 @@ class OxfordFixture:
             self.accepted[stem] = split
         self.modes_pet = pet
 
-        jpeg = synthetic.encode_jpeg(pet.image)
+        jpeg = render.encode_jpeg(pet.image)
         add_pair("Broken_1", b"this is not an image at all", pet.trimap)
         add_pair("Empty_1", b"", pet.trimap)
         add_pair("Truncated_1", jpeg[: len(jpeg) // 3], pet.trimap)
         add_pair("Emptymask_1", jpeg, b"")
         add_pair("Badmask_1", jpeg, b"\x89PNG garbage")
-        add_pair("Mismatch_1", jpeg, synthetic.render(101, seed=7, size=(60, 50)).trimap)
+        add_pair("Mismatch_1", jpeg, render.synthetic_pet(101, seed=7, size=(60, 50)).trimap)
         bad_values = pet.trimap.copy()
         bad_values[0, :5] = 7
         add_pair("Values_1", jpeg, bad_values)
@@ -92,7 +93,7 @@ class OxfordFixture:
         (images / "Nomask_1.jpg").write_bytes(jpeg)
         with open(root / "annotations" / "trainval.txt", "a") as f:
             f.write("Nomask_1 1 1 1\n")
-        (trimaps / "Noimage_1.png").write_bytes(synthetic.encode_png(pet.trimap))
+        (trimaps / "Noimage_1.png").write_bytes(render.encode_png(pet.trimap))
         with open(root / "annotations" / "trainval.txt", "a") as f:
             f.write("Ghost_1 1 1 1\n")
         # Files the real release carries that are not examples: skipped, not rejected.

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import data_config, load_job_config
 from petseg.evaluate import Metrics, confusion_matrix, run_evaluate
-from petseg.sources import InputError
+from petseg.errors import InputError
 
 
 def test_metrics_from_a_confusion_matrix():
@@ -24,9 +24,9 @@ def test_metrics_from_a_confusion_matrix():
 
 
 def test_job_equals_numpy_on_the_same_data(spark, exported_run, tmp_path):
-    from petseg.ingest import run_ingest
-    from petseg.inference import load_model, predict_labels
-    from petseg.reader import open_split
+    from petseg.ingest.convert import run_ingest
+    from petseg.infer.segment import load_model, predict_labels
+    from petseg.data.reader import open_split
 
     data = data_config(source="synthetic", dataset=str(tmp_path / "pets"), synthetic_count=30, synthetic_seed=8,
                        synthetic_test_fraction=0.5, image_size=32, min_row_groups_per_split=3)

@@ -7,9 +7,9 @@ config.prepare_process_environment(master="local[2]")  # tf-keras, before Tensor
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from petseg import images, synthetic  # noqa: E402
-from petseg.inference import load_model, predict_labels, resolve_model, segment_images  # noqa: E402
-from petseg.sources import InputError  # noqa: E402
+from petseg.data import decode, render  # noqa: E402
+from petseg.infer.segment import load_model, predict_labels, resolve_model, segment_images  # noqa: E402
+from petseg.errors import InputError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -19,17 +19,17 @@ def run_dir(exported_run):
 
 def test_masks_match_a_local_predict_at_original_size(run_dir):
     loaded = load_model(str(run_dir))
-    pets = [synthetic.render(i, seed=9, size=size) for i, size in enumerate([(50, 40), (32, 32), (300, 200)])]
-    encoded = [synthetic.encode_png(p.image) for p in pets]
+    pets = [render.synthetic_pet(i, seed=9, size=size) for i, size in enumerate([(50, 40), (32, 32), (300, 200)])]
+    encoded = [render.encode_png(p.image) for p in pets]
     out = segment_images(loaded, [*encoded[:1], b"", b"not an image", *encoded[1:]], batch_size=2)
     assert [o.error is None for o in out] == [True, False, False, True, True]
     assert out[1].error.startswith("image_empty") and out[2].error.startswith("image_undecodable")
     good = [out[0], out[3], out[4]]
-    expected = predict_labels(loaded, np.stack([images.resize_image(p.image, 32) for p in pets]), batch_size=8)
+    expected = predict_labels(loaded, np.stack([decode.resize_image(p.image, 32) for p in pets]), batch_size=8)
     for pet, seg, labels in zip(pets, good, expected):
         np.testing.assert_array_equal(seg.mask_model, labels)
         assert seg.mask.shape == pet.image.shape[:2]  # back at the image's own size
-        np.testing.assert_array_equal(seg.mask, images.resize_mask(labels, pet.image.shape[:2]))
+        np.testing.assert_array_equal(seg.mask, decode.resize_mask(labels, pet.image.shape[:2]))
         assert abs(sum(seg.fractions) - 1) < 1e-9 and len(seg.fractions) == 3
 
 
@@ -45,10 +45,10 @@ def test_model_resolution_and_missing_models(run_dir, tmp_path):
 def test_spark_udf_equals_local_segmentation_and_keeps_bad_rows(spark, run_dir):
     import cv2
 
-    from petseg.infer import segment_column
+    from petseg.infer.job import segment_column
 
-    pets = [synthetic.render(i, seed=4, size=size) for i, size in enumerate([(64, 48), (40, 30), (100, 80)])]
-    rows = [(f"pet{i}", synthetic.encode_jpeg(p.image)) for i, p in enumerate(pets)] + [("empty", b""), ("junk", b"xx")]
+    pets = [render.synthetic_pet(i, seed=4, size=size) for i, size in enumerate([(64, 48), (40, 30), (100, 80)])]
+    rows = [(f"pet{i}", render.encode_jpeg(p.image)) for i, p in enumerate(pets)] + [("empty", b""), ("junk", b"xx")]
     df = spark.createDataFrame(rows, "key string, image binary").repartition(2)
     out = df.select("key", segment_column("image", str(run_dir), batch_size=2, model_resolution=True).alias("s"))
     got = {r["key"]: r["s"] for r in out.collect()}
@@ -77,15 +77,15 @@ def _decode_png(data: bytes) -> np.ndarray:
 def _infer(spark, *overrides: str):
     from conftest import load_job_config
 
-    from petseg.infer import run_infer
+    from petseg.infer.job import run_infer
 
     cfg = load_job_config("infer", *overrides)
     return cfg.infer, run_infer(spark, infer=cfg.infer)
 
 
 def test_job_on_a_parquet_table_keeps_bad_rows_and_original_sizes(spark, run_dir, tmp_path):
-    pets = [synthetic.render(i, seed=21, size=size) for i, size in enumerate([(64, 48), (30, 41), (120, 90)])]
-    rows = [(f"pet{i}", synthetic.encode_jpeg(p.image), "x") for i, p in enumerate(pets)]
+    pets = [render.synthetic_pet(i, seed=21, size=size) for i, size in enumerate([(64, 48), (30, 41), (120, 90)])]
+    rows = [(f"pet{i}", render.encode_jpeg(p.image), "x") for i, p in enumerate(pets)]
     rows += [("empty", b"", "x"), ("junk", b"GIF89a but not really", "x"), ("null", None, "x")]
     src = tmp_path / "photos.parquet"
     spark.createDataFrame(rows, "name string, photo binary, other string").write.parquet(str(src))
@@ -112,14 +112,14 @@ def test_job_on_a_parquet_table_keeps_bad_rows_and_original_sizes(spark, run_dir
 
 
 def test_job_on_a_folder_of_files_reports_empty_and_unreadable(spark, run_dir, tmp_path):
-    from petseg.image_tables import read_file
-    from petseg.images import RejectedInput
+    from petseg.infer.inputs import read_file
+    from petseg.errors import RejectedInput
 
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
-    pet = synthetic.render(5, seed=2, size=(70, 50))
-    (folder / "a.jpg").write_bytes(synthetic.encode_jpeg(pet.image))
-    (folder / "sub" / "b.png").write_bytes(synthetic.encode_png(pet.image))
+    pet = render.synthetic_pet(5, seed=2, size=(70, 50))
+    (folder / "a.jpg").write_bytes(render.encode_jpeg(pet.image))
+    (folder / "sub" / "b.png").write_bytes(render.encode_png(pet.image))
     (folder / "empty.jpg").write_bytes(b"")  # Spark's binaryFile would drop this one silently
     (folder / "_SUCCESS").write_bytes(b"")  # hidden, as Spark treats it
     _, report = _infer(spark, f"infer.model={run_dir}", f"infer.input={folder}", f"infer.output={tmp_path / 'out'}",
@@ -134,7 +134,7 @@ def test_job_on_a_folder_of_files_reports_empty_and_unreadable(spark, run_dir, t
     # A file that vanished (or cannot be read) after listing becomes an error row, not a failed job.
     with pytest.raises(RejectedInput, match="file_unreadable"):
         read_file((folder / "gone.jpg").as_uri())
-    from petseg.infer import segment_column
+    from petseg.infer.job import segment_column
 
     frame = spark.createDataFrame([((folder / "a.jpg").as_uri(),), ((folder / "gone.jpg").as_uri(),)], "path string")
     got = frame.select(segment_column("path", str(run_dir), read_files=True).alias("s")).collect()
@@ -144,7 +144,7 @@ def test_job_on_a_folder_of_files_reports_empty_and_unreadable(spark, run_dir, t
 def test_job_on_the_ingested_dataset_and_catalog_tables(spark, run_dir, tmp_path):
     from conftest import data_config
 
-    from petseg.ingest import run_ingest
+    from petseg.ingest.convert import run_ingest
 
     data = data_config(source="synthetic", dataset=str(tmp_path / "pets"), synthetic_count=10, synthetic_seed=5,
                        image_size=32, min_row_groups_per_split=1)
@@ -157,9 +157,9 @@ def test_job_on_the_ingested_dataset_and_catalog_tables(spark, run_dir, tmp_path
             got = rows[row.id]
             assert (got["height"], got["width"]) == (row.height, row.width)  # the original size, from the columns
             expected = predict_labels(load_model(str(run_dir)), row.image[None], batch_size=1)[0]
-            np.testing.assert_array_equal(_decode_png(got["mask_png"]), images.resize_mask(expected, (row.height, row.width)))
+            np.testing.assert_array_equal(_decode_png(got["mask_png"]), decode.resize_mask(expected, (row.height, row.width)))
     # A catalog table as input (any key), with a limit for a quick look.
-    spark.createDataFrame([("k1", synthetic.encode_png(synthetic.render(1, seed=1).image))], "key string, image binary") \
+    spark.createDataFrame([("k1", render.encode_png(render.synthetic_pet(1, seed=1).image))], "key string, image binary") \
         .write.mode("overwrite").saveAsTable("photos_tbl")
     _, quick = _infer(spark, f"infer.model={run_dir}", "infer.input=photos_tbl", f"infer.output={tmp_path / 'q'}",
                       "infer.limit=1")
@@ -167,7 +167,7 @@ def test_job_on_the_ingested_dataset_and_catalog_tables(spark, run_dir, tmp_path
 
 
 def open_split_rows(url: str):
-    from petseg.reader import open_split
+    from petseg.data.reader import open_split
 
     return open_split(url, split="test", fields=("id", "image", "height", "width"), workers_count=1)
 
@@ -194,7 +194,7 @@ def test_job_fails_at_once_on_a_bad_model_or_input(spark, run_dir, tmp_path):
 
 
 def test_listing_follows_hadoop_globs_and_spark_hidden_names(tmp_path):
-    from petseg.image_tables import list_files
+    from petseg.infer.inputs import list_files
 
     for name in ["a.jpg", "b.png", "c.gif", "_SUCCESS", ".DS_Store", "sub/d.jpg", "2024-01/e.jpg", "_tmp/f.jpg",
                  "part=1/g.jpg"]:

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from conftest import data_config
-from petseg import images, synthetic
-from petseg.ingest import run_ingest
-from petseg.reader import open_split
-from petseg.sources import InputError
+from petseg.data import decode, render
+from petseg.ingest.convert import run_ingest
+from petseg.data.reader import open_split
+from petseg.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +61,11 @@ def test_dataset_pairs_by_stem_and_split_from_lists(ingested, oxford_dir):
         assert (row.height, row.width) == pet.trimap.shape
         assert row.source_path.endswith(f"images/{pet.stem}.jpg")
         # The mask belongs to this very image: equal to its own trimap, resized NEAREST, minus one.
-        np.testing.assert_array_equal(row.mask, images.resize_mask(pet.trimap - 1, 32))
-        expected = images.resize_image(pet.image, 32).astype(int)
+        np.testing.assert_array_equal(row.mask, decode.resize_mask(pet.trimap - 1, 32))
+        expected = decode.resize_image(pet.image, 32).astype(int)
         assert np.abs(row.image.astype(int) - expected).mean() < 6  # JPEG source, reduced-scale decode
     cmyk = seen["Cmyk_1"].image.astype(int)
-    assert np.abs(cmyk - images.resize_image(oxford_dir.modes_pet.image, 32).astype(int)).mean() < 10
+    assert np.abs(cmyk - decode.resize_image(oxford_dir.modes_pet.image, 32).astype(int)).mean() < 10
 
 
 def test_missing_and_empty_input_fail_with_a_fix(spark, tmp_path):
@@ -82,7 +82,7 @@ def test_missing_and_empty_input_fail_with_a_fix(spark, tmp_path):
 
 def test_nothing_valid_fails_after_writing_rejects_and_keeps_old_dataset(spark, tmp_path):
     root = tmp_path / "allbad"
-    synthetic.write_oxford_layout(root, count=2, seed=3)
+    render.write_oxford_layout(root, count=2, seed=3)
     for jpg in (root / "images").glob("*.jpg"):
         jpg.write_bytes(b"")
     out = tmp_path / "pets"

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import data_config
-from petseg import config, images, synthetic
-from petseg.ingest import run_ingest
-from petseg.reader import make_tf_dataset, open_split, row_groups_per_split
+from petseg import config
+from petseg.data import decode, render
+from petseg.ingest.convert import run_ingest
+from petseg.data.reader import make_tf_dataset, open_split, row_groups_per_split
 
 COUNT = 40
 
@@ -51,11 +52,11 @@ def test_pixels_match_the_generator(synthetic_dataset):
     data, _ = synthetic_dataset
     with open_split(data.dataset, split="test", fields=("id", "image", "mask", "height", "width")) as reader:
         rows = {row.id: row for row in reader}
-    index = next(i for i in range(COUNT) if synthetic.split_for(i, test_fraction=0.25) == "test")
-    pet = synthetic.render(index, seed=11, test_fraction=0.25)
+    index = next(i for i in range(COUNT) if render.split_for(i, test_fraction=0.25) == "test")
+    pet = render.synthetic_pet(index, seed=11, test_fraction=0.25)
     row = rows[pet.stem]
     assert (row.height, row.width) == pet.trimap.shape
-    np.testing.assert_array_equal(row.mask, images.resize_mask(pet.trimap - 1, 64))
+    np.testing.assert_array_equal(row.mask, decode.resize_mask(pet.trimap - 1, 64))
 
 
 def test_each_split_has_its_own_row_groups(synthetic_dataset):
@@ -89,7 +90,7 @@ def test_rerun_replaces_cleanly(spark, tmp_path):
 
 
 def test_failed_write_leaves_the_old_output(spark, tmp_path):
-    from petseg.storage import Storage
+    from petseg.io.fs import Storage
 
     target = tmp_path / "out"
     target.mkdir()

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 
 from conftest import data_config
-from petseg import images, synthetic
-from petseg.ingest import run_ingest
-from petseg.reader import open_split
-from petseg.sources import InputError
-from petseg.sources.tfds import plan_slices, read_slice
+from petseg.data import decode, render
+from petseg.errors import RejectedInput
+from petseg.ingest.convert import run_ingest
+from petseg.data.reader import open_split
+from petseg.errors import InputError
+from petseg.ingest.tfds import plan_slices, read_slice
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +19,8 @@ def tfds_dir(tmp_path_factory):
 
     data_dir = tmp_path_factory.mktemp("tfds")
     features = tfds.builder("oxford_iiit_pet", data_dir=str(data_dir)).info.features  # from code: no download
-    pets = [synthetic.render(i, seed=5, test_fraction=0.5) for i in range(8)]
-    bad = synthetic.render(99, seed=5)
+    pets = [render.synthetic_pet(i, seed=5, test_fraction=0.5) for i in range(8)]
+    bad = render.synthetic_pet(99, seed=5)
     splits = {"train": [], "test": []}
     for pet in pets + [bad]:
         trimap = pet.trimap if pet is not bad else np.full_like(pet.trimap, 9)  # values outside 1..3
@@ -54,7 +55,7 @@ def test_ingest_from_prepared_data_dir(spark, tfds_dir, tmp_path):
         rows = {row.id: row for row in reader}
     for pet in (p for p in pets if p.split == "test"):
         row = rows[pet.stem]
-        np.testing.assert_array_equal(row.mask, images.resize_mask(pet.trimap - 1, 32))
+        np.testing.assert_array_equal(row.mask, decode.resize_mask(pet.trimap - 1, 32))
         assert (row.height, row.width) == pet.trimap.shape
         assert row.source_path == f"tfds://oxford_iiit_pet/test/{pet.stem}.jpg"
 
@@ -74,9 +75,9 @@ def test_read_slice_under_mock_data():
     assert len(rows) == 3
     for stem, split, path, image, mask, reason, _ in rows:
         assert split == "train" and path.startswith("tfds://oxford_iiit_pet/train/") and reason is None
-        assert images.decode_rgb(image).ndim == 3  # the image arrives encoded and decodes by content
-        with pytest.raises(images.RejectedInput) as err:
-            images.prepare_example(image, mask, size=32)
+        assert decode.decode_rgb(image).ndim == 3  # the image arrives encoded and decodes by content
+        with pytest.raises(RejectedInput) as err:
+            decode.prepare_example(image, mask, size=32)
         assert err.value.reason in {"size_mismatch", "mask_values_out_of_range"}
 
 

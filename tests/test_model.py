@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from petseg import images, synthetic  # noqa: E402
+from petseg.data import decode, render  # noqa: E402
 from petseg.model import (  # noqa: E402
     ENCODER_SKIPS,
     build_unet,
@@ -181,9 +181,9 @@ def test_loss_without_dice_is_sparse_cross_entropy_and_serializes():
 
 
 def _tiny_pets(count: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    pets = [synthetic.render(i, seed=0, size=(96, 96)) for i in range(count)]
-    x = np.stack([images.resize_image(p.image, size) for p in pets])
-    y = np.stack([images.resize_mask(p.trimap - 1, size) for p in pets])
+    pets = [render.synthetic_pet(i, seed=0, size=(96, 96)) for i in range(count)]
+    x = np.stack([decode.resize_image(p.image, size) for p in pets])
+    y = np.stack([decode.resize_mask(p.trimap - 1, size) for p in pets])
     return x, y
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from petseg import config
 from petseg.config import ConfigError
-from petseg.ingest import run_ingest
-from petseg.reader import row_groups_per_split
+from petseg.ingest.convert import run_ingest
+from petseg.data.reader import row_groups_per_split
 from petseg.train import TrainError, run_train
 
 TINY = ["data.image_size=32", "model.n_depth=2", "model.encoder_weights=none", "train.batch_size=8",
@@ -186,7 +186,7 @@ def test_demo_learns(tmp_path):
 def test_mlflow_tracks_training_and_the_inference_that_uses_it(spark, tiny_dataset, tmp_path, monkeypatch):
     import mlflow
 
-    from petseg.infer import run_infer
+    from petseg.infer.job import run_infer
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps local file stores behind this switch
     tracking = [f"mlflow.tracking_uri=file://{tmp_path / 'mlruns'}", "mlflow.enabled=true", "mlflow.experiment=petseg-test"]

@@ -22,8 +22,10 @@ from typing import Any, Optional, Sequence
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
+from petseg.errors import ConfigError
+
 #: The folder holding base.yaml and the overlays; inside the package so that a wheel carries it.
-CONF_DIR = Path(__file__).resolve().parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 BASE_CONF = CONF_DIR / "base.yaml"
 LOCAL_CONF = CONF_DIR / "local.yaml"
 
@@ -158,10 +160,6 @@ class Config:
     infer: InferConfig = field(default_factory=InferConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-
-
-class ConfigError(ValueError):
-    """A configuration that petseg cannot run; the message names the key, the value and the fix."""
 
 
 def load(

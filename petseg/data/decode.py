@@ -13,27 +13,12 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from petseg.errors import RejectedInput
+
 #: Class names in label order. Oxford-IIIT trimaps store 1 = pet, 2 = background, 3 = border;
 #: petseg stores label = trimap - 1, as the reference notebook does.
 CLASSES: tuple[str, ...] = ("pet", "background", "border")
 TRIMAP_VALUES = frozenset({1, 2, 3})
-
-
-class RejectedInput(ValueError):
-    """An input that cannot become a training example.
-
-    Parameters
-    ----------
-    reason
-        A short machine-readable code, stable across releases (it is a column of the rejects table).
-    detail
-        A human-readable explanation naming the bad value.
-    """
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)

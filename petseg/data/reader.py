@@ -16,7 +16,7 @@ from petastorm import make_reader
 from petastorm.predicates import in_set
 from petastorm.reader import Reader
 
-from petseg.schema import SPLIT, SPLITS
+from petseg.data.schema import SPLIT, SPLITS
 
 if TYPE_CHECKING:
     import tensorflow as tf

@@ -44,7 +44,9 @@ def _texture(rng: np.random.Generator, height: int, width: int, base: np.ndarray
     return base + smooth + fine
 
 
-def render(index: int, *, seed: int, test_fraction: float = 0.2, size: tuple[int, int] | None = None) -> SyntheticPet:
+def synthetic_pet(
+    index: int, *, seed: int, test_fraction: float = 0.2, size: tuple[int, int] | None = None
+) -> SyntheticPet:
     """Render synthetic pet ``index``.
 
     Parameters
@@ -130,7 +132,7 @@ def write_oxford_layout(
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "annotations" / "trimaps").mkdir(parents=True, exist_ok=True)
-    pets = [render(i, seed=seed, test_fraction=test_fraction, size=size) for i in range(count)]
+    pets = [synthetic_pet(i, seed=seed, test_fraction=test_fraction, size=size) for i in range(count)]
     lists: dict[str, list[str]] = {"train": [], "test": []}
     for i, pet in enumerate(pets):
         (root / "images" / f"{pet.stem}.jpg").write_bytes(encode_jpeg(pet.image))

@@ -17,9 +17,9 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import BinaryType, StringType, StructField, StructType
 
 from petseg.config import InferConfig, InputFormat
-from petseg.images import RejectedInput
-from petseg.sources import InputError
-from petseg.storage import Storage
+from petseg.errors import RejectedInput
+from petseg.errors import InputError
+from petseg.io.fs import Storage
 
 #: Key columns tried, in order, when infer.key_column is null.
 KEY_CANDIDATES = ("id", "path", "key")

@@ -16,10 +16,11 @@ from pyspark.sql.functions import pandas_udf
 from pyspark.sql.types import BinaryType, DoubleType, IntegerType, StringType, StructField, StructType
 
 from petseg.config import InferConfig, MlflowConfig, is_table_name, to_dict
-from petseg.images import CLASSES, RejectedInput
-from petseg.sources import InputError
+from petseg.data.decode import CLASSES
+from petseg.errors import RejectedInput
+from petseg.errors import InputError
 from petseg.session import task_cpus
-from petseg.storage import Storage
+from petseg.io.fs import Storage
 from petseg.tracking import flatten, tracked_run
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,8 @@ def segment_udf(
 
     @pandas_udf(SEGMENTATION_SCHEMA)  # type: ignore[call-overload]
     def segment(batches: Iterator[Tuple[pd.Series, pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
-        from petseg.image_tables import read_file
-        from petseg.inference import Segmentation, load_model, segment_images
+        from petseg.infer.inputs import read_file
+        from petseg.infer.segment import Segmentation, load_model, segment_images
 
         loaded = load_model(model_uri, threads=threads)
         for data, heights, widths in batches:
@@ -179,7 +180,7 @@ def run_infer(spark: SparkSession, *, infer: InferConfig, tracking: MlflowConfig
         At once, before any Spark job, when the model is missing or not a petseg model, or the input
         is missing or lacks the image or key column.
     """
-    from petseg.inference import model_version, resolve_model
+    from petseg.infer.segment import model_version, resolve_model
 
     start = time.perf_counter()
     _, metadata = resolve_model(str(infer.model))  # fail before touching the input
@@ -196,7 +197,7 @@ def run_infer(spark: SparkSession, *, infer: InferConfig, tracking: MlflowConfig
 
 
 def _segment_and_write(spark: SparkSession, *, infer: InferConfig, version: str, start: float) -> InferReport:
-    from petseg.image_tables import load_image_table
+    from petseg.infer.inputs import load_image_table
 
     table = load_image_table(spark, infer=infer)
     taken = [f.name for f in SEGMENTATION_SCHEMA.fields] + ["model_uri", "model_version"]

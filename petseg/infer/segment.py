@@ -16,8 +16,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from petseg.images import RejectedInput, decode_for_model, resize_mask
-from petseg.sources import InputError
+from petseg.data.decode import decode_for_model, resize_mask
+from petseg.errors import RejectedInput
+from petseg.errors import InputError
 from petseg.train.outputs import METADATA_FILE
 
 

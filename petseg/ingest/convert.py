@@ -17,10 +17,12 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import BinaryType, IntegerType, StructField, StructType
 
 from petseg.config import DataConfig, Source
-from petseg.images import RejectedInput, prepare_example
-from petseg.schema import REJECTS_SCHEMA, SPLIT, pet_schema
-from petseg.sources import PAIRS_SCHEMA, InputError
-from petseg.storage import Storage
+from petseg.data.decode import prepare_example
+from petseg.errors import RejectedInput
+from petseg.data.schema import REJECTS_SCHEMA, SPLIT, pet_schema
+from petseg.errors import InputError
+from petseg.ingest.pairs import PAIRS_SCHEMA
+from petseg.io.fs import Storage
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ def load_pairs(spark: SparkSession, data: DataConfig) -> DataFrame:
     """The configured source as a DataFrame of :data:`petseg.sources.PAIRS_SCHEMA`."""
     partitions = data.partitions or 2 * spark.sparkContext.defaultParallelism
     if data.source is Source.synthetic:
-        from petseg.sources.synthetic import load_synthetic
+        from petseg.ingest.synthetic import load_synthetic
 
         return load_synthetic(
             spark,
@@ -78,10 +80,10 @@ def load_pairs(spark: SparkSession, data: DataConfig) -> DataFrame:
             partitions=partitions,
         )
     if data.source is Source.oxford:
-        from petseg.sources.oxford import load_oxford
+        from petseg.ingest.oxford import load_oxford
 
         return load_oxford(spark, root=str(data.input), partitions=partitions)
-    from petseg.sources.tfds import load_tfds
+    from petseg.ingest.tfds import load_tfds
 
     return load_tfds(spark, data_dir=str(data.input), name=data.tfds_name, download=data.tfds_download)
 

@@ -16,8 +16,9 @@ import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from petseg.sources import PAIRS_SCHEMA, InputError
-from petseg.storage import Storage
+from petseg.errors import InputError
+from petseg.ingest.pairs import PAIRS_SCHEMA
+from petseg.io.fs import Storage
 
 #: Image files are matched by extension only to find them; decoding goes by content.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "JPG", "JPEG", "png", "PNG")

@@ -21,6 +21,3 @@ PAIRS_SCHEMA = StructType(
     ]
 )
 
-
-class InputError(ValueError):
-    """The input is missing, empty or unusable as a whole; the message says what to fix."""

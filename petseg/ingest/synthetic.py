@@ -6,8 +6,8 @@ from typing import Iterator
 
 from pyspark.sql import DataFrame, SparkSession
 
-from petseg import synthetic
-from petseg.sources import PAIRS_SCHEMA
+from petseg.data import render
+from petseg.ingest.pairs import PAIRS_SCHEMA
 
 
 def load_synthetic(spark: SparkSession, *, count: int, seed: int, test_fraction: float, partitions: int) -> DataFrame:
@@ -15,9 +15,9 @@ def load_synthetic(spark: SparkSession, *, count: int, seed: int, test_fraction:
 
     def render_slice(indices: Iterator[int]) -> Iterator[tuple]:
         for i in indices:
-            pet = synthetic.render(i, seed=seed, test_fraction=test_fraction)
+            pet = render.synthetic_pet(i, seed=seed, test_fraction=test_fraction)
             path = f"synthetic://seed={seed}/{pet.stem}"
-            yield (pet.stem, pet.split, path, synthetic.encode_jpeg(pet.image), synthetic.encode_png(pet.trimap), None, None)
+            yield (pet.stem, pet.split, path, render.encode_jpeg(pet.image), render.encode_png(pet.trimap), None, None)
 
     rdd = spark.sparkContext.parallelize(range(count), min(count, partitions)).mapPartitions(render_slice)
     return spark.createDataFrame(rdd, PAIRS_SCHEMA)

@@ -12,8 +12,9 @@ from typing import Iterator
 
 from pyspark.sql import DataFrame, SparkSession
 
-from petseg.schema import SPLITS
-from petseg.sources import PAIRS_SCHEMA, InputError
+from petseg.data.schema import SPLITS
+from petseg.errors import InputError
+from petseg.ingest.pairs import PAIRS_SCHEMA
 
 #: Examples per Spark task: small enough to spread ~7,000 pets over many cores, large enough that
 #: opening the TFRecord shards and importing TensorFlow in the worker is amortised.

@@ -37,7 +37,7 @@ def make_dataset(
     import tensorflow as tf
 
     from petseg.model.preprocessing import preprocess
-    from petseg.reader import make_tf_dataset
+    from petseg.data.reader import make_tf_dataset
 
     ds = make_tf_dataset(reader)
     if training:

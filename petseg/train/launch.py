@@ -9,9 +9,9 @@ from typing import Any
 from pyspark.sql import SparkSession
 
 from petseg.config import Config, to_dict
-from petseg.progress import progress_server
-from petseg.reader import split_stats
-from petseg.sources import InputError
+from petseg.train.progress import progress_server
+from petseg.data.reader import split_stats
+from petseg.errors import InputError
 from petseg.tracking import flatten, tracked_run
 
 log = logging.getLogger(__name__)

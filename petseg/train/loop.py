@@ -67,8 +67,8 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         segmentation_loss,
         segmentation_metrics,
     )
-    from petseg.reader import open_split
-    from petseg.train.data import make_dataset
+    from petseg.data.reader import open_split
+    from petseg.train.feed import make_dataset
 
     keras_module()  # Keras 3 fails under MultiWorkerMirroredStrategy: insist on tf-keras
     data, model_cfg, train_cfg = spec["config"]["data"], spec["config"]["model"], spec["config"]["train"]

@@ -9,7 +9,7 @@ from importlib import metadata as pkg_metadata
 from pathlib import Path
 from typing import Any
 
-from petseg.images import CLASSES
+from petseg.data.decode import CLASSES
 from petseg.plots import curves_png, predictions_png
 
 #: Written next to the exported model; inference reads it to prepare images the way training did.
@@ -73,8 +73,8 @@ def _preview(*, run_dir: Path, dataset_url: str, count: int) -> bytes:
     """The predictions grid for the first ``count`` test images, made with the exported model."""
     import numpy as np
 
-    from petseg.inference import load_model, predict_labels
-    from petseg.reader import open_split
+    from petseg.infer.segment import load_model, predict_labels
+    from petseg.data.reader import open_split
 
     with open_split(dataset_url, split="test", fields=("id", "image", "mask"), workers_count=1) as reader:
         rows = [row for _, row in zip(range(count), reader)]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from petseg import config
-from petseg.progress import ProgressClient
+from petseg.train.progress import ProgressClient
 from petseg.train.loop import PROGRESS_PREFIX
 
 

@@ -1,0 +1,1 @@
+"""Storage: URLs, mounts and table names, and the file operations every stage needs."""
