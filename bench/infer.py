@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from petseg import config
+from petseg import config, env
 
 SIZE, N_DEPTH, CORES = 128, 5, 2
 
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=400, help="photos to segment")
     parser.add_argument("--batch", type=int, default=32, help="infer.batch_size and the plain predict's batch")
     args = parser.parse_args()
-    config.prepare_process_environment(master=f"local[{CORES}]")  # TF_USE_LEGACY_KERAS before TensorFlow
+    env.prepare_process_environment(master=f"local[{CORES}]")  # TF_USE_LEGACY_KERAS before TensorFlow
 
     import tensorflow as tf
 

@@ -19,7 +19,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from petseg import config
+from petseg import config, env
 
 PLAIN_FIT = textwrap.dedent(
     """
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--reader-count", type=int, default=2500, help="128x128 pets for the reader figures")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    config.prepare_process_environment(master="local[2]")  # TF_USE_LEGACY_KERAS before any TensorFlow import
+    env.prepare_process_environment(master="local[2]")  # TF_USE_LEGACY_KERAS before any TensorFlow import
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config.parse_job_arguments(
@@ -113,7 +113,7 @@ def main() -> None:
         spec = {"dataset": cfg.data.dataset, "size": cfg.data.image_size, "n_depth": cfg.model.n_depth,
                 "encoder_weights": cfg.model.encoder_weights, "batch": cfg.train.batch_size}
         done = subprocess.run([sys.executable, "-c", PLAIN_FIT, json.dumps(spec)], capture_output=True, text=True,
-                              env=config.training_process_environment())
+                              env=env.training_process_environment())
         if done.returncode:
             raise SystemExit(done.stderr[-3000:])
         plain_rate = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[7:])["images_per_s"]

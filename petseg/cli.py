@@ -19,8 +19,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"petseg: {exc}", file=sys.stderr)
         return 2
-    from petseg.session import get_or_create
     from petseg.errors import InputError
+    from petseg.session import get_or_create
 
     cfg = invocation.config
     spark = get_or_create(cfg.spark)

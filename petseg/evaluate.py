@@ -18,8 +18,8 @@ from pyspark.sql.types import LongType, StructField, StructType
 from petseg.config import EvaluateConfig
 from petseg.data.schema import SPLIT
 from petseg.errors import InputError
-from petseg.session import task_cpus
 from petseg.io.fs import Storage
+from petseg.session import task_cpus
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def _confusion_per_partition(
     model_uri: str, *, batch_size: int, n_classes: int, threads: int
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from petseg.data.decode import decode_label_mask, decode_for_model, resize_mask
+        from petseg.data.decode import decode_for_model, decode_label_mask, resize_mask
         from petseg.infer.segment import load_model, predict_labels
 
         loaded = load_model(model_uri, threads=threads)

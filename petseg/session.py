@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pyspark.sql import SparkSession
 
-from petseg.config import SparkConfig, prepare_process_environment
+from petseg.config import SparkConfig
+from petseg.env import prepare_process_environment
 
 
 def get_or_create(spark_cfg: SparkConfig) -> SparkSession:

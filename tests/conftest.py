@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from petseg import config
+from petseg import config, env
 from petseg.data import render
 
 
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
-    config.prepare_process_environment(master="local[2]")
+    env.prepare_process_environment(master="local[2]")
     from pyspark.sql import SparkSession
 
     warehouse = tmp_path_factory.mktemp("warehouse")
@@ -133,7 +132,7 @@ def exported_run(tmp_path_factory) -> Path:
     """A training run's folder as inference reads it: a small untrained 32x32 U-Net and its metadata."""
     import json
 
-    config.prepare_process_environment(master="local[2]")  # tf-keras, before TensorFlow is imported
+    env.prepare_process_environment(master="local[2]")  # tf-keras, before TensorFlow is imported
     from petseg.model import build_unet
 
     run = tmp_path_factory.mktemp("run")

@@ -1,13 +1,14 @@
 """The Databricks bundle against the code: entry points exist, every parameter is a key the job accepts."""
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from petseg import config
+from petseg.io import urls
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,7 +66,7 @@ def test_every_task_runs_a_console_script_with_valid_keys(job, task, target):
     cfg = invocation.config
     # Paths are Unity Catalog volumes (local mounts on Databricks) and outputs can be catalog tables.
     if invocation.job == "infer":
-        assert cfg.infer.output.count(".") == 2 and config.is_table_name(cfg.infer.output)
+        assert cfg.infer.output.count(".") == 2 and urls.is_table_name(cfg.infer.output)
         assert cfg.infer.model.startswith("file:///Volumes/")
     if invocation.job in ("ingest", "train"):
         assert cfg.data.dataset.startswith("file:///Volumes/")

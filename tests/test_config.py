@@ -2,6 +2,7 @@ import pytest
 
 from petseg import config
 from petseg.config import ConfigError
+from petseg.io import urls
 
 
 def test_base_and_local_layers():
@@ -51,11 +52,11 @@ def test_oxford_needs_input_and_files_must_exist(tmp_path):
 
 
 def test_url_normalisation():
-    assert config.normalize_url("dbfs:/ml/pets", key="k") == "file:///dbfs/ml/pets"
-    assert config.normalize_url("/Volumes/main/pets/raw", key="k") == "file:///Volumes/main/pets/raw"
-    assert config.normalize_url("s3a://bucket/pets", key="k") == "s3a://bucket/pets"
-    assert config.normalize_url("/photos/*.jpg", key="k") == "file:///photos/*.jpg"  # a glob stays a glob
-    assert config.normalize_url("rel/dir", key="k").startswith("file:///") and config.normalize_url("rel/dir", key="k").endswith("/rel/dir")
+    assert urls.normalize_url("dbfs:/ml/pets", key="k") == "file:///dbfs/ml/pets"
+    assert urls.normalize_url("/Volumes/main/pets/raw", key="k") == "file:///Volumes/main/pets/raw"
+    assert urls.normalize_url("s3a://bucket/pets", key="k") == "s3a://bucket/pets"
+    assert urls.normalize_url("/photos/*.jpg", key="k") == "file:///photos/*.jpg"  # a glob stays a glob
+    assert urls.normalize_url("rel/dir", key="k").startswith("file:///") and urls.normalize_url("rel/dir", key="k").endswith("/rel/dir")
 
 
 def test_command_line():
@@ -89,5 +90,5 @@ def test_infer_and_evaluate_sections():
     with pytest.raises(ConfigError, match="evaluate.split='val' is not allowed; use train or test"):
         config.load(overrides=["evaluate.model=/r", "evaluate.dataset=/d", "evaluate.output=/o", "evaluate.split=val"],
                     job="evaluate")
-    assert [config.is_table_name(v) for v in ("t", "s.t", "c.s.t", "`my-cat`.s.t", "./t", "/t", "s3://b/t")] == [
+    assert [urls.is_table_name(v) for v in ("t", "s.t", "c.s.t", "`my-cat`.s.t", "./t", "/t", "s3://b/t")] == [
         True, True, True, True, False, False, False]

@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import data_config, load_job_config
-from petseg.evaluate import Metrics, confusion_matrix, run_evaluate
+
 from petseg.errors import InputError
+from petseg.evaluate import Metrics, confusion_matrix, run_evaluate
 
 
 def test_metrics_from_a_confusion_matrix():
@@ -24,9 +24,9 @@ def test_metrics_from_a_confusion_matrix():
 
 
 def test_job_equals_numpy_on_the_same_data(spark, exported_run, tmp_path):
-    from petseg.ingest.convert import run_ingest
-    from petseg.infer.segment import load_model, predict_labels
     from petseg.data.reader import open_split
+    from petseg.infer.segment import load_model, predict_labels
+    from petseg.ingest.convert import run_ingest
 
     data = data_config(source="synthetic", dataset=str(tmp_path / "pets"), synthetic_count=30, synthetic_seed=8,
                        synthetic_test_fraction=0.5, image_size=32, min_row_groups_per_split=3)

@@ -1,15 +1,15 @@
 """Segmenting images with an exported model: same decoding as training, original sizes back, bad rows kept."""
 
-from petseg import config
+from petseg import config, env
 
-config.prepare_process_environment(master="local[2]")  # tf-keras, before TensorFlow is imported
+env.prepare_process_environment(master="local[2]")  # tf-keras, before TensorFlow is imported
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from petseg.data import decode, render  # noqa: E402
-from petseg.infer.segment import load_model, predict_labels, resolve_model, segment_images  # noqa: E402
 from petseg.errors import InputError  # noqa: E402
+from petseg.infer.segment import load_model, predict_labels, resolve_model, segment_images  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +112,8 @@ def test_job_on_a_parquet_table_keeps_bad_rows_and_original_sizes(spark, run_dir
 
 
 def test_job_on_a_folder_of_files_reports_empty_and_unreadable(spark, run_dir, tmp_path):
-    from petseg.infer.inputs import read_file
     from petseg.errors import RejectedInput
+    from petseg.infer.inputs import read_file
 
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)

@@ -4,12 +4,12 @@ import re
 
 import numpy as np
 import pytest
-
 from conftest import data_config
+
 from petseg.data import decode, render
-from petseg.ingest.convert import run_ingest
 from petseg.data.reader import open_split
 from petseg.errors import InputError
+from petseg.ingest.convert import run_ingest
 
 
 @pytest.fixture(scope="module")

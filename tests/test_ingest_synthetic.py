@@ -6,12 +6,11 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import data_config
-from petseg import config
+
 from petseg.data import decode, render
-from petseg.ingest.convert import run_ingest
 from petseg.data.reader import make_tf_dataset, open_split, row_groups_per_split
+from petseg.ingest.convert import run_ingest
 
 COUNT = 40
 

@@ -2,13 +2,12 @@
 
 import numpy as np
 import pytest
-
 from conftest import data_config
+
 from petseg.data import decode, render
-from petseg.errors import RejectedInput
-from petseg.ingest.convert import run_ingest
 from petseg.data.reader import open_split
-from petseg.errors import InputError
+from petseg.errors import InputError, RejectedInput
+from petseg.ingest.convert import run_ingest
 from petseg.ingest.tfds import plan_slices, read_slice
 
 

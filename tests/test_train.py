@@ -11,8 +11,8 @@ import pytest
 
 from petseg import config
 from petseg.config import ConfigError
-from petseg.ingest.convert import run_ingest
 from petseg.data.reader import row_groups_per_split
+from petseg.ingest.convert import run_ingest
 from petseg.train import TrainError, run_train
 
 TINY = ["data.image_size=32", "model.n_depth=2", "model.encoder_weights=none", "train.batch_size=8",

@@ -1,7 +1,39 @@
-"""petseg's configuration (moved into a package; split into schema, layers and checks next)."""
+"""petseg's configuration: typed sections, YAML layers with ``key=value`` overrides, and checks.
 
-from petseg.config.sections import *  # noqa: F401,F403
-from petseg.config.sections import (  # noqa: F401
-    _explain,
+``petseg.config.load`` is the way in: every job receives the :class:`Config` it returns (or a
+section of it) as an argument, and nothing else in petseg reads configuration.
+"""
+
+from petseg.config.checks import JOB_SECTIONS, validate
+from petseg.config.layers import (
+    BASE_CONF,
+    CONF_DIR,
+    JOBS,
+    LOCAL_CONF,
+    Invocation,
+    load,
+    parse_command_line,
+    parse_job_arguments,
 )
-from petseg.errors import ConfigError  # noqa: F401
+from petseg.config.sections import (
+    Codec,
+    Config,
+    DataConfig,
+    EvaluateConfig,
+    InferConfig,
+    InputFormat,
+    MlflowConfig,
+    ModelConfig,
+    Precision,
+    Source,
+    SparkConfig,
+    TrainConfig,
+    to_dict,
+)
+from petseg.errors import ConfigError
+
+__all__ = [
+    "BASE_CONF", "CONF_DIR", "JOBS", "JOB_SECTIONS", "LOCAL_CONF", "Codec", "Config", "ConfigError", "DataConfig",
+    "EvaluateConfig", "InferConfig", "InputFormat", "Invocation", "MlflowConfig", "ModelConfig", "Precision", "Source",
+    "SparkConfig", "TrainConfig", "load", "parse_command_line", "parse_job_arguments", "to_dict", "validate",
+]

@@ -17,8 +17,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import BinaryType, StringType, StructField, StructType
 
 from petseg.config import InferConfig, InputFormat
-from petseg.errors import RejectedInput
-from petseg.errors import InputError
+from petseg.errors import InputError, RejectedInput
 from petseg.io.fs import Storage
 
 #: Key columns tried, in order, when infer.key_column is null.

@@ -15,12 +15,12 @@ from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
 from pyspark.sql.types import BinaryType, DoubleType, IntegerType, StringType, StructField, StructType
 
-from petseg.config import InferConfig, MlflowConfig, is_table_name, to_dict
+from petseg.config import InferConfig, MlflowConfig, to_dict
 from petseg.data.decode import CLASSES
-from petseg.errors import RejectedInput
-from petseg.errors import InputError
-from petseg.session import task_cpus
+from petseg.errors import InputError, RejectedInput
 from petseg.io.fs import Storage
+from petseg.io.urls import is_table_name
+from petseg.session import task_cpus
 from petseg.tracking import flatten, tracked_run
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from petseg.data.decode import decode_for_model, resize_mask
-from petseg.errors import RejectedInput
-from petseg.errors import InputError
+from petseg.errors import InputError, RejectedInput
 from petseg.train.outputs import METADATA_FILE
 
 

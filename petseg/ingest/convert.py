@@ -18,9 +18,8 @@ from pyspark.sql.types import BinaryType, IntegerType, StructField, StructType
 
 from petseg.config import DataConfig, Source
 from petseg.data.decode import prepare_example
-from petseg.errors import RejectedInput
 from petseg.data.schema import REJECTS_SCHEMA, SPLIT, pet_schema
-from petseg.errors import InputError
+from petseg.errors import InputError, RejectedInput
 from petseg.ingest.pairs import PAIRS_SCHEMA
 from petseg.io.fs import Storage
 

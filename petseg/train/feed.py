@@ -36,8 +36,8 @@ def make_dataset(
     """
     import tensorflow as tf
 
-    from petseg.model.preprocessing import preprocess
     from petseg.data.reader import make_tf_dataset
+    from petseg.model.preprocessing import preprocess
 
     ds = make_tf_dataset(reader)
     if training:

@@ -9,10 +9,10 @@ from typing import Any
 from pyspark.sql import SparkSession
 
 from petseg.config import Config, to_dict
-from petseg.train.progress import progress_server
 from petseg.data.reader import split_stats
 from petseg.errors import InputError
 from petseg.tracking import flatten, tracked_run
+from petseg.train.progress import progress_server
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +58,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
     """Train on this worker's shard; return the history and, on the chief, the output paths."""
     import tensorflow as tf
 
+    from petseg.data.reader import open_split
     from petseg.model import (
         build_unet,
         keras_module,
@@ -67,7 +67,6 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         segmentation_loss,
         segmentation_metrics,
     )
-    from petseg.data.reader import open_split
     from petseg.train.feed import make_dataset
 
     keras_module()  # Keras 3 fails under MultiWorkerMirroredStrategy: insist on tf-keras
@@ -89,7 +88,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
     seed = train_cfg["seed"] + rank
     with open_split(data["dataset"], split="train", fields=("id",), shard=rank, shard_count=workers, workers_count=1) as r:
         shard_ids = sorted(row.id for row in r)
-    from petseg.config import visible_gpus
+    from petseg.env import visible_gpus
 
     progress(f"worker {rank + 1}/{workers} reads {len(shard_ids)} of {spec['train_rows']} train rows"
              f" (CUDA_VISIBLE_DEVICES={visible_gpus()!r}, {len(tf.config.list_physical_devices('GPU'))} GPUs visible)",

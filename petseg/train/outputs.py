@@ -73,8 +73,8 @@ def _preview(*, run_dir: Path, dataset_url: str, count: int) -> bytes:
     """The predictions grid for the first ``count`` test images, made with the exported model."""
     import numpy as np
 
-    from petseg.infer.segment import load_model, predict_labels
     from petseg.data.reader import open_split
+    from petseg.infer.segment import load_model, predict_labels
 
     with open_split(dataset_url, split="test", fields=("id", "image", "mask"), workers_count=1) as reader:
         rows = [row for _, row in zip(range(count), reader)]

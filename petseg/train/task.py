@@ -17,9 +17,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from petseg import config
-from petseg.train.progress import ProgressClient
+from petseg import env
 from petseg.train.loop import PROGRESS_PREFIX
+from petseg.train.progress import ProgressClient
 
 
 def train_task(*, spec: dict[str, Any], progress_address: tuple[str, int] | None) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def train_task(*, spec: dict[str, Any], progress_address: tuple[str, int] | None
         client = ProgressClient(progress_address)
         tail: deque[str] = deque(maxlen=40)
         with subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=config.training_process_environment()) as proc:
+                              text=True, env=env.training_process_environment()) as proc:
             assert proc.stdout is not None
             for line in proc.stdout:
                 line = line.rstrip("\n")

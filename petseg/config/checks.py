@@ -1,0 +1,162 @@
+"""Checks of a merged configuration that types alone cannot make, for the job about to run.
+
+Every failure raises :class:`~petseg.errors.ConfigError` naming the key, the bad value and what is
+allowed; locations are normalised here, once, by the rules of :mod:`petseg.io.urls`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from petseg.config.sections import Config, InputFormat, Source
+from petseg.errors import ConfigError
+from petseg.io.urls import is_table_name, normalize_url
+
+#: Which config sections each job reads, so that e.g. ``petseg train`` needs no ingest input.
+JOB_SECTIONS = {
+    "ingest": ("data",),
+    "train": ("model", "train"),
+    "infer": ("infer",),
+    "evaluate": ("evaluate",),
+    "demo": ("data", "model", "train", "infer", "evaluate"),
+}
+
+
+def validate(cfg: Config, *, job: str = "ingest") -> None:
+    """Check values that types alone cannot; raise :class:`ConfigError` naming the key and the fix."""
+    sections = JOB_SECTIONS.get(job, tuple(JOB_SECTIONS["demo"]))
+    if {"data", "train"} & set(sections):
+        _require(bool(cfg.data.dataset), "data.dataset", cfg.data.dataset, "a dataset URL such as file:///tmp/pets")
+        cfg.data.dataset = normalize_url(str(cfg.data.dataset), key="data.dataset")
+    _require(cfg.data.image_size >= 8, "data.image_size", cfg.data.image_size, "an integer >= 8 (the recipe uses 128)")
+    if "data" in sections:
+        _validate_data(cfg)
+    if "model" in sections:
+        _validate_model(cfg)
+    if "train" in sections:
+        _validate_train(cfg)
+    if "infer" in sections:
+        _validate_infer(cfg)
+    if "evaluate" in sections:
+        _validate_evaluate(cfg)
+    if cfg.mlflow.enabled and {"train", "infer"} & set(sections):
+        import importlib.util
+
+        _require(
+            importlib.util.find_spec("mlflow") is not None,
+            "mlflow.enabled",
+            True,
+            "false, or install MLflow first (pip install 'petseg[mlflow]'; Databricks runtimes have it)",
+        )
+
+
+def _validate_data(cfg: Config) -> None:
+    d = cfg.data
+    _require(d.rowgroup_size_mb >= 1, "data.rowgroup_size_mb", d.rowgroup_size_mb, "an integer >= 1")
+    _require(
+        d.min_row_groups_per_split >= 1, "data.min_row_groups_per_split", d.min_row_groups_per_split, "an integer >= 1"
+    )
+    _require(d.partitions is None or d.partitions >= 1, "data.partitions", d.partitions, "null or an integer >= 1")
+    _require(
+        0.0 < d.synthetic_test_fraction < 1.0,
+        "data.synthetic_test_fraction",
+        d.synthetic_test_fraction,
+        "a number strictly between 0 and 1",
+    )
+    if d.source is Source.synthetic:
+        _require(d.synthetic_count >= 2, "data.synthetic_count", d.synthetic_count, "an integer >= 2 (one per split)")
+    else:
+        _require(
+            bool(d.input),
+            "data.input",
+            d.input,
+            "the Oxford-IIIT Pet folder (source=oxford) or a TFDS data_dir (source=tfds)",
+        )
+    d.rejects = normalize_url(d.rejects, key="data.rejects") if d.rejects else d.dataset.rstrip("/") + "_rejects"
+    if d.input and d.source is Source.oxford:
+        d.input = normalize_url(d.input, key="data.input")
+
+
+def _validate_model(cfg: Config) -> None:
+    m = cfg.model
+    for key in ("freeze_encoder", "encoder_batch_norm"):
+        value = str(getattr(m, key)).lower()
+        _require(value in ("auto", "true", "false"), f"model.{key}", getattr(m, key), "auto, true or false")
+        setattr(m, key, value)
+    _require(m.dice_weight >= 0, "model.dice_weight", m.dice_weight, "a number >= 0 (0 = cross-entropy only)")
+    from petseg.model.unet import validate_unet_args  # no TensorFlow import
+
+    try:
+        validate_unet_args(image_size=cfg.data.image_size, n_depth=m.n_depth, encoder_weights=m.encoder_weights)
+    except ValueError as exc:
+        raise ConfigError(f"model/data config: {exc}") from None
+
+
+def _validate_train(cfg: Config) -> None:
+    t = cfg.train
+    _require(t.num_slots >= 1, "train.num_slots", t.num_slots, "an integer >= 1 (workers, or GPUs with use_gpu)")
+    _require(t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1")
+    _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "a positive number such as 1e-3")
+    _require(t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, "a number >= 0")
+    _require(t.shuffle_buffer >= 1, "train.shuffle_buffer", t.shuffle_buffer, "an integer >= 1")
+    _require(t.preview_images >= 0, "train.preview_images", t.preview_images, "an integer >= 0")
+    workers = 1 if t.local_mode else t.num_slots
+    _require(
+        t.batch_size >= workers and t.batch_size % workers == 0,
+        "train.batch_size",
+        t.batch_size,
+        f"a multiple of the {workers} worker(s) (train.batch_size is global; each worker gets batch_size / workers),"
+        f" e.g. {max(workers, (t.batch_size // workers) * workers) or workers}",
+    )
+    _require(
+        t.stop_after_epoch is None or 1 <= t.stop_after_epoch <= t.epochs,
+        "train.stop_after_epoch",
+        t.stop_after_epoch,
+        f"null or an epoch between 1 and train.epochs={t.epochs}",
+    )
+    _require(bool(t.output_dir), "train.output_dir", t.output_dir, "a folder URL or path for the run's outputs")
+    t.output_dir = normalize_url(t.output_dir, key="train.output_dir")
+
+
+def _validate_infer(cfg: Config) -> None:
+    i = cfg.infer
+    _require(bool(i.model), "infer.model", i.model, "a training run's train.output_dir (or its model/ folder)")
+    _require(
+        bool(i.input), "infer.input", i.input, "a Petastorm or Parquet dataset URL, a catalog table, or a folder/glob of images"
+    )
+    _require(bool(i.output), "infer.output", i.output, "a folder URL or path for Parquet, or a catalog table name")
+    _require(bool(i.image_column), "infer.image_column", i.image_column, "the name of the encoded-image column")
+    _require(i.batch_size >= 1, "infer.batch_size", i.batch_size, "an integer >= 1 (images per model call)")
+    _require(
+        i.arrow_batch_rows >= i.batch_size,
+        "infer.arrow_batch_rows",
+        i.arrow_batch_rows,
+        f"an integer >= infer.batch_size={i.batch_size} (rows handed to the UDF at once)",
+    )
+    _require(i.limit is None or i.limit >= 1, "infer.limit", i.limit, "null or an integer >= 1")
+    _require(i.partitions is None or i.partitions >= 1, "infer.partitions", i.partitions, "null or an integer >= 1")
+    i.model = normalize_url(str(i.model), key="infer.model")
+    if i.input_format is InputFormat.table or (i.input_format is InputFormat.auto and is_table_name(str(i.input))):
+        i.input_format = InputFormat.table
+    else:
+        i.input = normalize_url(str(i.input), key="infer.input")
+    if not is_table_name(str(i.output)):
+        i.output = normalize_url(str(i.output), key="infer.output")
+
+
+def _validate_evaluate(cfg: Config) -> None:
+    e = cfg.evaluate
+    _require(bool(e.model), "evaluate.model", e.model, "a training run's train.output_dir (or its model/ folder)")
+    _require(bool(e.dataset), "evaluate.dataset", e.dataset, "the URL of a dataset written by `petseg ingest`")
+    _require(bool(e.output), "evaluate.output", e.output, "a folder URL or path for metrics.json and predictions.png")
+    _require(e.split in ("train", "test"), "evaluate.split", e.split, "train or test")
+    _require(e.batch_size >= 1, "evaluate.batch_size", e.batch_size, "an integer >= 1")
+    _require(e.preview_images >= 0, "evaluate.preview_images", e.preview_images, "an integer >= 0 (0: no PNG grid)")
+    e.model = normalize_url(str(e.model), key="evaluate.model")
+    e.dataset = normalize_url(str(e.dataset), key="evaluate.dataset")
+    e.output = normalize_url(str(e.output), key="evaluate.output")
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed; use {allowed}")
