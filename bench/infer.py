@@ -26,14 +26,11 @@ SIZE, N_DEPTH, CORES = 128, 5, 2
 
 
 def export_run(run: Path) -> None:
-    from petseg.model import build_unet
-    from petseg.train.outputs import METADATA_FILE
+    from petseg.model import artifact, build_unet
 
     model = build_unet(image_size=SIZE, n_depth=N_DEPTH, encoder_weights="none", encoder_batch_norm=True)
-    model.save(str(run / "model"), include_optimizer=False)
-    (run / METADATA_FILE).write_text(json.dumps(
-        {"model_path": "model", "image_size": SIZE, "classes": ["pet", "background", "border"],
-         "preprocessing": "unit_scale", "run_id": "bench"}))
+    model.save(str(run / artifact.MODEL_FOLDER), include_optimizer=False)
+    artifact.write_metadata(run, image_size=SIZE, preprocessing="unit_scale", run_id="bench")
 
 
 def plain_predict_rate(run: Path, photos: list[Path], *, batch: int) -> float:
@@ -41,9 +38,10 @@ def plain_predict_rate(run: Path, photos: list[Path], *, batch: int) -> float:
     import tensorflow as tf
 
     from petseg.data.decode import decode_for_model
+    from petseg.model import artifact
     from petseg.model.preprocessing import preprocess
 
-    model = tf.keras.models.load_model(str(run / "model"), compile=False)
+    model = tf.keras.models.load_model(str(artifact.resolve(str(run)).model_dir), compile=False)
     images = np.stack([decode_for_model(p.read_bytes(), size=SIZE)[0] for p in photos])
     model.predict(preprocess(images[:batch], "unit_scale"), batch_size=batch, verbose=0)  # trace and warm up
     start = time.perf_counter()

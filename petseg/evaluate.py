@@ -19,6 +19,7 @@ from petseg.config import EvaluateConfig
 from petseg.data.schema import SPLIT
 from petseg.errors import InputError
 from petseg.io.fs import Storage
+from petseg.model import artifact
 from petseg.session import task_cpus
 
 log = logging.getLogger(__name__)
@@ -95,14 +96,13 @@ def _confusion_per_partition(
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from petseg.data.decode import decode_for_model, decode_label_mask, resize_mask
-        from petseg.infer.segment import load_model, predict_labels
 
-        loaded = load_model(model_uri, threads=threads)
+        loaded = artifact.load(model_uri, threads=threads)
         total, images = np.zeros((n_classes, n_classes), np.int64), 0
         for batch in batches:
             pixels = np.stack([decode_for_model(b, size=loaded.image_size)[0] for b in batch["image"]])
             masks = [decode_label_mask(b) for b in batch["mask"]]
-            for mask, labels in zip(masks, predict_labels(loaded, pixels, batch_size=batch_size)):
+            for mask, labels in zip(masks, loaded.predict_labels(pixels, batch_size=batch_size)):
                 # Measured at the dataset's resolution, where its masks were made.
                 labels = labels if labels.shape == mask.shape else resize_mask(labels, mask.shape)
                 total += confusion_matrix(mask, labels, n_classes)
@@ -124,11 +124,9 @@ def run_evaluate(spark: SparkSession, *, evaluate: EvaluateConfig) -> Evaluation
     InputError
         When the model is missing or not a petseg model, or the dataset or split is missing or empty.
     """
-    from petseg.infer.segment import model_version, resolve_model
-
     start = time.perf_counter()
-    _, metadata = resolve_model(str(evaluate.model))
-    classes = list(metadata["classes"])
+    model = artifact.resolve(str(evaluate.model))
+    classes = model.classes
     dataset, split = str(evaluate.dataset), evaluate.split
     storage = Storage(spark)
     if not storage.exists(f"{dataset.rstrip('/')}/{SPLIT}={split}"):
@@ -151,7 +149,7 @@ def run_evaluate(spark: SparkSession, *, evaluate: EvaluateConfig) -> Evaluation
     confusion = np.array([int(summed[c]) for c in columns], np.int64).reshape(len(classes), len(classes))
     report = EvaluationReport(
         model_uri=str(evaluate.model),
-        model_version=model_version(metadata),
+        model_version=model.version,
         dataset=dataset,
         split=split,
         images=images,
@@ -172,12 +170,11 @@ def run_evaluate(spark: SparkSession, *, evaluate: EvaluateConfig) -> Evaluation
 def _preview(rows: DataFrame, evaluate: EvaluateConfig) -> bytes:
     """The predictions grid for the first ``preview_images`` rows, predicted on the driver."""
     from petseg.data.decode import decode_for_model, decode_label_mask
-    from petseg.infer.segment import load_model, predict_labels
     from petseg.plots import predictions_png
 
     sample = rows.orderBy("id").limit(evaluate.preview_images).collect()
-    loaded = load_model(str(evaluate.model))
+    loaded = artifact.load(str(evaluate.model))
     images = np.stack([decode_for_model(r["image"], size=loaded.image_size)[0] for r in sample])
     masks = np.stack([decode_label_mask(r["mask"]) for r in sample])
-    predicted = predict_labels(loaded, images, batch_size=evaluate.batch_size)
+    predicted = loaded.predict_labels(images, batch_size=evaluate.batch_size)
     return predictions_png([r["id"] for r in sample], images, masks, predicted)

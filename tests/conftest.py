@@ -130,17 +130,13 @@ def data_config(**overrides) -> config.DataConfig:
 @pytest.fixture(scope="session")
 def exported_run(tmp_path_factory) -> Path:
     """A training run's folder as inference reads it: a small untrained 32x32 U-Net and its metadata."""
-    import json
-
     env.prepare_process_environment(master="local[2]")  # tf-keras, before TensorFlow is imported
-    from petseg.model import build_unet
+    from petseg.model import artifact, build_unet
 
     run = tmp_path_factory.mktemp("run")
-    build_unet(image_size=32, n_depth=2, encoder_weights="none", seed=3).save(str(run / "model"), include_optimizer=False)
-    (run / "petseg-model.json").write_text(json.dumps(
-        {"model_path": "model", "image_size": 32, "classes": ["pet", "background", "border"],
-         "preprocessing": "unit_scale", "run_id": "run-under-test"}
-    ))
+    model = build_unet(image_size=32, n_depth=2, encoder_weights="none", seed=3)
+    model.save(str(run / artifact.MODEL_FOLDER), include_optimizer=False)
+    artifact.write_metadata(run, image_size=32, preprocessing="unit_scale", run_id="run-under-test")
     return run
 
 

@@ -25,8 +25,8 @@ def test_metrics_from_a_confusion_matrix():
 
 def test_job_equals_numpy_on_the_same_data(spark, exported_run, tmp_path):
     from petseg.data.reader import open_split
-    from petseg.infer.segment import load_model, predict_labels
     from petseg.ingest.convert import run_ingest
+    from petseg.model import artifact
 
     data = data_config(source="synthetic", dataset=str(tmp_path / "pets"), synthetic_count=30, synthetic_seed=8,
                        synthetic_test_fraction=0.5, image_size=32, min_row_groups_per_split=3)
@@ -36,7 +36,7 @@ def test_job_equals_numpy_on_the_same_data(spark, exported_run, tmp_path):
     report = run_evaluate(spark, evaluate=cfg.evaluate)
     with open_split(data.dataset, split="test", fields=("image", "mask"), workers_count=1) as reader:
         rows = list(reader)
-    labels = predict_labels(load_model(str(exported_run)), np.stack([r.image for r in rows]), batch_size=16)
+    labels = artifact.load(str(exported_run)).predict_labels(np.stack([r.image for r in rows]), batch_size=16)
     expected = sum(np.histogram2d(r.mask.ravel(), p.ravel(), bins=3, range=[[0, 3], [0, 3]])[0] for r, p in zip(rows, labels))
     assert report.images == len(rows) and np.array_equal(report.metrics.confusion, expected.astype(int))
     assert report.pixels == len(rows) * 32 * 32

@@ -9,7 +9,8 @@ import pytest  # noqa: E402
 
 from petseg.data import decode, render  # noqa: E402
 from petseg.errors import InputError  # noqa: E402
-from petseg.infer.segment import load_model, predict_labels, resolve_model, segment_images  # noqa: E402
+from petseg.infer.segment import segment_images  # noqa: E402
+from petseg.model import artifact  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -18,14 +19,14 @@ def run_dir(exported_run):
 
 
 def test_masks_match_a_local_predict_at_original_size(run_dir):
-    loaded = load_model(str(run_dir))
+    loaded = artifact.load(str(run_dir))
     pets = [render.synthetic_pet(i, seed=9, size=size) for i, size in enumerate([(50, 40), (32, 32), (300, 200)])]
     encoded = [render.encode_png(p.image) for p in pets]
     out = segment_images(loaded, [*encoded[:1], b"", b"not an image", *encoded[1:]], batch_size=2)
     assert [o.error is None for o in out] == [True, False, False, True, True]
     assert out[1].error.startswith("image_empty") and out[2].error.startswith("image_undecodable")
     good = [out[0], out[3], out[4]]
-    expected = predict_labels(loaded, np.stack([decode.resize_image(p.image, 32) for p in pets]), batch_size=8)
+    expected = loaded.predict_labels(np.stack([decode.resize_image(p.image, 32) for p in pets]), batch_size=8)
     for pet, seg, labels in zip(pets, good, expected):
         np.testing.assert_array_equal(seg.mask_model, labels)
         assert seg.mask.shape == pet.image.shape[:2]  # back at the image's own size
@@ -34,12 +35,12 @@ def test_masks_match_a_local_predict_at_original_size(run_dir):
 
 
 def test_model_resolution_and_missing_models(run_dir, tmp_path):
-    assert resolve_model(str(run_dir / "model"))[1]["image_size"] == 32  # the model folder works too
-    assert load_model(str(run_dir)) is load_model(str(run_dir))  # loaded once per process
+    assert artifact.resolve(str(run_dir / "model")).image_size == 32  # the model folder works too
+    assert artifact.load(str(run_dir)) is artifact.load(str(run_dir))  # loaded once per process
     with pytest.raises(InputError, match="does not exist; pass a training run's train.output_dir"):
-        resolve_model(str(tmp_path / "missing"))
+        artifact.resolve(str(tmp_path / "missing"))
     with pytest.raises(InputError, match="is not a petseg model"):
-        resolve_model(str(tmp_path))
+        artifact.resolve(str(tmp_path))
 
 
 def test_spark_udf_equals_local_segmentation_and_keeps_bad_rows(spark, run_dir):
@@ -54,7 +55,7 @@ def test_spark_udf_equals_local_segmentation_and_keeps_bad_rows(spark, run_dir):
     got = {r["key"]: r["s"] for r in out.collect()}
     assert got["empty"]["mask_png"] is None and got["empty"]["error"].startswith("image_empty")
     assert got["junk"]["error"].startswith("image_undecodable")
-    local = segment_images(load_model(str(run_dir)), [data for _, data in rows[:3]], batch_size=8)
+    local = segment_images(artifact.load(str(run_dir)), [data for _, data in rows[:3]], batch_size=8)
     for i, (pet, seg) in enumerate(zip(pets, local)):
         row = got[f"pet{i}"]
         mask = cv2.imdecode(np.frombuffer(row["mask_png"], np.uint8), cv2.IMREAD_UNCHANGED)
@@ -95,7 +96,7 @@ def test_job_on_a_parquet_table_keeps_bad_rows_and_original_sizes(spark, run_dir
     assert report.failed == {"image_empty": 2, "image_undecodable": 1}
     out = {r["name"]: r for r in spark.read.parquet(str(tmp_path / "masks")).collect()}
     assert set(out) == {name for name, _, _ in rows}  # nothing lost
-    local = segment_images(load_model(str(run_dir)), [data for _, data, _ in rows[:3]], batch_size=8)
+    local = segment_images(artifact.load(str(run_dir)), [data for _, data, _ in rows[:3]], batch_size=8)
     for i, (pet, seg) in enumerate(zip(pets, local)):
         row = out[f"pet{i}"]
         mask = _decode_png(row["mask_png"])
@@ -156,7 +157,7 @@ def test_job_on_the_ingested_dataset_and_catalog_tables(spark, run_dir, tmp_path
         for row in stored:
             got = rows[row.id]
             assert (got["height"], got["width"]) == (row.height, row.width)  # the original size, from the columns
-            expected = predict_labels(load_model(str(run_dir)), row.image[None], batch_size=1)[0]
+            expected = artifact.load(str(run_dir)).predict_labels(row.image[None], batch_size=1)[0]
             np.testing.assert_array_equal(_decode_png(got["mask_png"]), decode.resize_mask(expected, (row.height, row.width)))
     # A catalog table as input (any key), with a limit for a quick look.
     spark.createDataFrame([("k1", render.encode_png(render.synthetic_pet(1, seed=1).image))], "key string, image binary") \
@@ -178,7 +179,7 @@ def test_job_fails_at_once_on_a_bad_model_or_input(spark, run_dir, tmp_path):
     with pytest.raises(InputError, match="is not a petseg model"):
         _infer(spark, f"infer.model={tmp_path}", f"infer.input={tmp_path}", f"infer.output={tmp_path / 'o'}")
     with pytest.raises(InputError, match="is not a local path"):
-        resolve_model("hdfs://nn/runs/r1")
+        artifact.resolve("hdfs://nn/runs/r1")
     src = tmp_path / "t.parquet"
     spark.createDataFrame([("a", b"x", "e")], "id string, bytes binary, error string").write.parquet(str(src))
     with pytest.raises(InputError, match="infer.image_column='image' is not a binary column.*binary columns there: bytes"):

@@ -13,6 +13,7 @@ from petseg import config
 from petseg.config import ConfigError
 from petseg.data.reader import row_groups_per_split
 from petseg.ingest.convert import run_ingest
+from petseg.model import artifact
 from petseg.train import TrainError, run_train
 
 TINY = ["data.image_size=32", "model.n_depth=2", "model.encoder_weights=none", "train.batch_size=8",
@@ -61,7 +62,7 @@ def test_train_on_executors_streams_progress_and_writes_outputs(spark, tiny_data
     messages = [r["message"] for r in result.progress]
     assert any(m.startswith("epoch 1/2 ") for m in messages) and any(m.startswith("epoch 2/2 ") for m in messages)
     run = tmp_path / "run"
-    meta = json.loads((run / "petseg-model.json").read_text())
+    meta = artifact.resolve(str(run)).metadata
     assert meta["image_size"] == 32 and meta["classes"] == ["pet", "background", "border"]
     assert meta["preprocessing"] == "unit_scale" and meta["n_depth"] == 2
     assert meta["versions"]["tensorflow"].startswith("2.21")
@@ -158,7 +159,7 @@ def test_mixed_precision_and_xla_options_train(spark, tiny_dataset, tmp_path):
                        "model.mixed_precision=mixed_bfloat16", "model.jit_compile=true")
     result = run_train(spark, cfg=cfg)
     assert result.history[0]["loss"] > 0 and "val_pixel_accuracy" in result.final_metrics
-    meta = json.loads((tmp_path / "run" / "petseg-model.json").read_text())
+    meta = artifact.resolve(str(tmp_path / "run")).metadata
     assert meta["training"]["model"]["mixed_precision"] == "mixed_bfloat16"
 
 
@@ -191,9 +192,9 @@ def test_mlflow_tracks_training_and_the_inference_that_uses_it(spark, tiny_datas
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps local file stores behind this switch
     tracking = [f"mlflow.tracking_uri=file://{tmp_path / 'mlruns'}", "mlflow.enabled=true", "mlflow.experiment=petseg-test"]
     result = run_train(spark, cfg=train_config(tmp_path, tiny_dataset, "train.local_mode=true", *tracking))
-    meta = json.loads((tmp_path / "run" / "petseg-model.json").read_text())
+    model = artifact.resolve(str(tmp_path / "run"))
     client = mlflow.MlflowClient(tracking_uri=f"file://{tmp_path / 'mlruns'}")
-    run = client.get_run(meta["mlflow_run_id"])  # the model's metadata names its run
+    run = client.get_run(model.mlflow_run_id)  # the model's metadata names its run
     assert run.info.status == "FINISHED"
     assert run.data.params["model.n_depth"] == "2" and run.data.params["train.epochs"] == "2"
     history = client.get_metric_history(run.info.run_id, "val_pixel_accuracy")
@@ -206,6 +207,6 @@ def test_mlflow_tracks_training_and_the_inference_that_uses_it(spark, tiny_datas
                                        f"infer.output={tmp_path / 'masks'}", *tracking], job="infer")
     run_infer(spark, infer=infer_cfg.infer, tracking=infer_cfg.mlflow)
     [infer_run] = client.search_runs([run.info.experiment_id], "tags.`petseg.job` = 'infer'")
-    assert infer_run.data.params["model_version"] == meta["run_id"]
+    assert infer_run.data.params["model_version"] == model.version
     assert infer_run.data.params["model_mlflow_run_id"] == run.info.run_id
     assert infer_run.data.metrics["segmented"] == 4

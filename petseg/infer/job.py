@@ -20,6 +20,7 @@ from petseg.data.decode import CLASSES
 from petseg.errors import InputError, RejectedInput
 from petseg.io.fs import Storage
 from petseg.io.urls import is_table_name
+from petseg.model import artifact
 from petseg.session import task_cpus
 from petseg.tracking import flatten, tracked_run
 
@@ -59,7 +60,7 @@ def segment_udf(
 ):
     """A pandas UDF (Iterator of (data, height, width) Series -> Iterator of DataFrame) that segments images.
 
-    The model loads once per Python worker (:func:`petseg.inference.load_model`); each Arrow batch
+    The model loads once per Python worker (:func:`petseg.model.artifact.load`); each Arrow batch
     (``spark.sql.execution.arrow.maxRecordsPerBatch`` rows) is predicted ``batch_size`` images at a
     time. ``data`` holds encoded images, or file URLs when ``read_files``; ``height``/``width``
     (nullable) override the size the mask is returned at. A bad row gives a null mask and a
@@ -69,9 +70,9 @@ def segment_udf(
     @pandas_udf(SEGMENTATION_SCHEMA)  # type: ignore[call-overload]
     def segment(batches: Iterator[Tuple[pd.Series, pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
         from petseg.infer.inputs import read_file
-        from petseg.infer.segment import Segmentation, load_model, segment_images
+        from petseg.infer.segment import Segmentation, segment_images
 
-        loaded = load_model(model_uri, threads=threads)
+        loaded = artifact.load(model_uri, threads=threads)
         for data, heights, widths in batches:
             values = data.tolist()
             failed: dict[int, Segmentation] = {}
@@ -180,13 +181,11 @@ def run_infer(spark: SparkSession, *, infer: InferConfig, tracking: MlflowConfig
         At once, before any Spark job, when the model is missing or not a petseg model, or the input
         is missing or lacks the image or key column.
     """
-    from petseg.infer.segment import model_version, resolve_model
-
     start = time.perf_counter()
-    _, metadata = resolve_model(str(infer.model))  # fail before touching the input
-    version = model_version(metadata)
+    model = artifact.resolve(str(infer.model))  # fail before touching the input
+    version = model.version
     params = {**flatten({"infer": to_dict(infer)}), "model_version": version,
-              "model_mlflow_run_id": metadata.get("mlflow_run_id")}
+              "model_mlflow_run_id": model.mlflow_run_id}
     with tracked_run(tracking, name="petseg-infer", params=params,
                      tags={"petseg.job": "infer", "petseg.model_version": version}) as tracked:
         report = _segment_and_write(spark, infer=infer, version=version, start=start)

@@ -60,6 +60,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
 
     from petseg.data.reader import open_split
     from petseg.model import (
+        artifact,
         build_unet,
         keras_module,
         make_optimizer,
@@ -148,7 +149,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
 
     history = _read_history(history_file)
     # Saving runs collective ops: every worker must save, the chief to the real place.
-    model_dir = output_dir / "model" if chief else Path(tempfile.mkdtemp(prefix=f"petseg-worker{rank}-"))
+    model_dir = output_dir / artifact.MODEL_FOLDER if chief else Path(tempfile.mkdtemp(prefix=f"petseg-worker{rank}-"))
     model.save(str(model_dir), include_optimizer=False)
     result: dict[str, Any] = {"rank": rank, "workers": workers, "history": history, "fit_seconds": round(seconds, 2),
                               "steps_per_epoch": steps_per_epoch, "global_batch": global_batch}

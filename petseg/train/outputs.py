@@ -3,50 +3,34 @@
 from __future__ import annotations
 
 import json
-import platform
-import uuid
-from importlib import metadata as pkg_metadata
 from pathlib import Path
 from typing import Any
 
-from petseg.data.decode import CLASSES
+from petseg.model import artifact
 from petseg.plots import curves_png, predictions_png
-
-#: Written next to the exported model; inference reads it to prepare images the way training did.
-METADATA_FILE = "petseg-model.json"
-_VERSIONED = ("petseg", "tensorflow", "tf_keras", "petastorm", "pyspark", "numpy")
 
 
 def write_outputs(*, output_dir: Path, spec: dict[str, Any], history: list[dict[str, Any]],
                   preprocessing: str) -> dict[str, Any]:
-    """Write metadata JSON, history JSON, the curves PNG and a predictions grid PNG; return their paths."""
+    """Write the model's metadata, history JSON, the curves PNG and a predictions grid PNG; return their paths."""
     data, model_cfg, train_cfg = spec["config"]["data"], spec["config"]["model"], spec["config"]["train"]
     final = history[-1] if history else {}
-    meta = {
-        "format": "petseg-model/1",
-        # Which model an inference output came from: every run gets its own id.
-        "run_id": uuid.uuid4().hex,
-        # The MLflow run that holds this model's params, metrics and artifacts (null: not tracked).
-        "mlflow_run_id": spec.get("mlflow_run_id"),
-        "model_path": "model",
-        "image_size": data["image_size"],
-        "classes": list(CLASSES),
-        "preprocessing": preprocessing,
-        "n_depth": model_cfg["n_depth"],
-        "encoder_weights": model_cfg["encoder_weights"],
-        "dataset": data["dataset"],
-        "training": {"model": model_cfg, "train": train_cfg, "workers": spec.get("workers"),
-                     "train_rows": spec["train_rows"], "test_rows": spec["test_rows"]},
-        "final_metrics": final,
-        "versions": {"python": platform.python_version(), **{p: _version(p) for p in _VERSIONED}},
-    }
     paths = {
-        "metadata": output_dir / METADATA_FILE,
+        "metadata": artifact.write_metadata(
+            output_dir,
+            image_size=data["image_size"],
+            preprocessing=preprocessing,
+            mlflow_run_id=spec.get("mlflow_run_id"),
+            model=model_cfg,
+            dataset=data["dataset"],
+            training={"model": model_cfg, "train": train_cfg, "workers": spec.get("workers"),
+                      "train_rows": spec["train_rows"], "test_rows": spec["test_rows"]},
+            final_metrics=final,
+        ),
         "history": output_dir / "history.json",
         "curves": output_dir / "curves.png",
         "predictions": output_dir / "predictions.png",
     }
-    paths["metadata"].write_text(json.dumps(meta, indent=2))
     paths["history"].write_text(json.dumps(history, indent=2))
     paths["curves"].write_bytes(curves_png(history))
     if train_cfg["preview_images"]:
@@ -58,15 +42,8 @@ def write_outputs(*, output_dir: Path, spec: dict[str, Any], history: list[dict[
         )
     else:
         del paths["predictions"]
-    return {"outputs": {k: str(v) for k, v in paths.items()}, "model_dir": str(output_dir / "model"),
+    return {"outputs": {k: str(v) for k, v in paths.items()}, "model_dir": str(output_dir / artifact.MODEL_FOLDER),
             "final_metrics": final}
-
-
-def _version(package: str) -> str | None:
-    try:
-        return pkg_metadata.version(package)
-    except pkg_metadata.PackageNotFoundError:
-        return None
 
 
 def _preview(*, run_dir: Path, dataset_url: str, count: int) -> bytes:
@@ -74,10 +51,9 @@ def _preview(*, run_dir: Path, dataset_url: str, count: int) -> bytes:
     import numpy as np
 
     from petseg.data.reader import open_split
-    from petseg.infer.segment import load_model, predict_labels
 
     with open_split(dataset_url, split="test", fields=("id", "image", "mask"), workers_count=1) as reader:
         rows = [row for _, row in zip(range(count), reader)]
     images = np.stack([r.image for r in rows])
-    predicted = predict_labels(load_model(str(run_dir)), images, batch_size=count)
+    predicted = artifact.load(str(run_dir)).predict_labels(images, batch_size=count)
     return predictions_png([r.id for r in rows], images, np.stack([r.mask for r in rows]), predicted)

@@ -1,0 +1,227 @@
+"""The model artifact: what training leaves in a run folder, and how every other stage opens it.
+
+A run folder holds ``model/`` (a tf-keras SavedModel that returns logits) and ``petseg-model.json``,
+which says how to prepare pixels for it (image size, preprocessing), what its labels mean, and which
+run it is. Training's chief writes it (:func:`write_metadata`); inference, evaluation and the
+training preview resolve and load it (:func:`resolve`, :func:`load`). Nothing outside this module
+knows the file's name or its fields.
+
+TensorFlow is imported only by :func:`load`: resolving a model on the driver stays light.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import threading
+import uuid
+from dataclasses import dataclass
+from importlib import metadata as pkg_metadata
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from petseg.data.decode import CLASSES
+from petseg.errors import InputError
+
+METADATA_FILE = "petseg-model.json"
+FORMAT = "petseg-model/1"
+#: The folder of the SavedModel inside a run folder.
+MODEL_FOLDER = "model"
+#: Packages whose versions a model records: what it takes to load it, and to retrain it.
+_VERSIONED = ("petseg", "tensorflow", "tf_keras", "petastorm", "pyspark", "numpy")
+
+
+@dataclass(frozen=True)
+class ModelArtifact:
+    """A resolved run: where its model is, and the metadata that says how to use it."""
+
+    uri: str
+    run_dir: Path
+    model_dir: Path
+    metadata: Mapping[str, Any]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.metadata["image_size"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.metadata["classes"])
+
+    @property
+    def preprocessing(self) -> str:
+        return str(self.metadata["preprocessing"])
+
+    @property
+    def version(self) -> str:
+        """The run id training wrote, or (for runs older than run ids) a digest of the metadata."""
+        if self.metadata.get("run_id"):
+            return str(self.metadata["run_id"])
+        digest = hashlib.sha1(json.dumps(dict(self.metadata), sort_keys=True).encode()).hexdigest()
+        return "sha1-" + digest[:16]
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        """The MLflow run that holds this model's params, metrics and artifacts (None: not tracked)."""
+        return self.metadata.get("mlflow_run_id")
+
+
+def write_metadata(
+    run_dir: Path,
+    *,
+    image_size: int,
+    preprocessing: str,
+    classes: Sequence[str] = CLASSES,
+    run_id: str | None = None,
+    mlflow_run_id: str | None = None,
+    model: Mapping[str, Any] | None = None,
+    dataset: str | None = None,
+    training: Mapping[str, Any] | None = None,
+    final_metrics: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``petseg-model.json`` beside the exported ``model/`` folder; return its path.
+
+    Parameters
+    ----------
+    run_dir
+        The run folder (training's ``train.output_dir``), holding ``model/``.
+    image_size, preprocessing, classes
+        How to prepare pixels for the model, and what its labels mean.
+    run_id
+        This run's id, which inference writes beside every mask; None gives a new one.
+    model, dataset, training, final_metrics
+        The model config, the dataset URL, the training config and row counts, and the last
+        epoch's metrics: a record of how the model was made.
+    """
+    model = dict(model or {})
+    meta = {
+        "format": FORMAT,
+        # Which model an inference output came from: every run gets its own id.
+        "run_id": run_id or uuid.uuid4().hex,
+        "mlflow_run_id": mlflow_run_id,
+        "model_path": MODEL_FOLDER,
+        "image_size": int(image_size),
+        "classes": list(classes),
+        "preprocessing": preprocessing,
+        "n_depth": model.get("n_depth"),
+        "encoder_weights": model.get("encoder_weights"),
+        "dataset": dataset,
+        "training": dict(training or {}),
+        "final_metrics": dict(final_metrics or {}),
+        "versions": {"python": platform.python_version(), **{p: _version(p) for p in _VERSIONED}},
+    }
+    path = Path(run_dir) / METADATA_FILE
+    path.write_text(json.dumps(meta, indent=2))
+    return path
+
+
+def _version(package: str) -> str | None:
+    try:
+        return pkg_metadata.version(package)
+    except pkg_metadata.PackageNotFoundError:
+        return None
+
+
+def resolve(uri: str) -> ModelArtifact:
+    """The run a URI names: its output folder, or the ``model/`` folder in it.
+
+    Raises
+    ------
+    InputError
+        When the path is not local, does not exist, or holds no petseg metadata.
+    """
+    if "://" in uri and not uri.startswith("file://"):
+        raise InputError(
+            f"model {uri!r} is not a local path; TensorFlow loads models from files, so put the run on "
+            "storage every executor mounts (NFS, /dbfs/..., /Volumes/...) and pass that path"
+        )
+    path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    for run_dir in (path, path.parent):
+        meta_file = run_dir / METADATA_FILE
+        if meta_file.is_file():
+            metadata = json.loads(meta_file.read_text())
+            model_dir = run_dir / metadata.get("model_path", MODEL_FOLDER)
+            if not model_dir.exists():
+                raise InputError(f"{meta_file} names the model folder {model_dir}, which does not exist; re-run training")
+            return ModelArtifact(uri=uri, run_dir=run_dir, model_dir=model_dir, metadata=metadata)
+    if not path.exists():
+        raise InputError(f"model {uri!r} does not exist; pass a training run's train.output_dir")
+    raise InputError(
+        f"{uri!r} is not a petseg model: no {METADATA_FILE} in it or its parent; pass a training run's train.output_dir"
+    )
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A resolved run with its model loaded, ready to predict."""
+
+    artifact: ModelArtifact
+    model: Any
+    #: The model as one graph for any batch size (see :func:`_logits_function`).
+    logits: Any
+
+    @property
+    def image_size(self) -> int:
+        return self.artifact.image_size
+
+    @property
+    def classes(self) -> list[str]:
+        return self.artifact.classes
+
+    def predict_labels(self, images: np.ndarray, *, batch_size: int) -> np.ndarray:
+        """Argmax labels (N, S, S) for uint8 (N, S, S, 3) images, ``batch_size`` at a time."""
+        from petseg.model.preprocessing import preprocess
+
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = np.asarray(preprocess(images[start:start + batch_size], self.artifact.preprocessing), np.float32)
+            out.append(np.argmax(np.asarray(self.logits(batch)), axis=-1).astype(np.uint8))
+        return np.concatenate(out) if out else np.zeros((0, self.image_size, self.image_size), np.uint8)
+
+
+_CACHE: dict[str, LoadedModel] = {}
+_LOCK = threading.Lock()
+
+
+def load(uri: str, *, threads: int | None = None) -> LoadedModel:
+    """Load a run's model once per process (Spark reuses Python workers, so once per worker).
+
+    ``threads`` caps TensorFlow's thread pools, so that each Spark task's TensorFlow uses the cores
+    the task was given (``spark.task.cpus``) instead of every core on the node.
+    """
+    with _LOCK:
+        if uri not in _CACHE:
+            artifact = resolve(uri)
+            from petseg.model.unet import keras_module
+
+            keras = keras_module()
+            if threads:
+                _limit_threads(threads)
+            model = keras.models.load_model(str(artifact.model_dir), compile=False)
+            _CACHE[uri] = LoadedModel(artifact, model, _logits_function(model, artifact.image_size))
+        return _CACHE[uri]
+
+
+def _logits_function(model: Any, image_size: int) -> Any:
+    """The model as a graph traced once for every batch size.
+
+    ``predict_on_batch`` traces again for each new batch shape, and every partition ends in a
+    smaller batch: seconds per trace for the 5-level U-Net, per Python worker.
+    """
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32)
+    return tf.function(lambda images: model(images, training=False), input_signature=[spec])
+
+
+def _limit_threads(threads: int) -> None:
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        pass  # TensorFlow already ran something in this process (e.g. a local test); its pools stay
