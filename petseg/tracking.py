@@ -10,11 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Mapping
-from urllib.parse import unquote, urlparse
 
 from petseg.config import MlflowConfig
+from petseg.io import urls
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +44,8 @@ class TrackedRun:
         """A local file or folder (``file://`` URL or path) as artifacts of the run."""
         import mlflow
 
-        path = Path(unquote(urlparse(url).path) if url.startswith("file:") else url)
-        if not path.exists():
+        path = urls.local_path(url) if urls.is_local(url) else None
+        if path is None or not path.exists():
             log.warning("not logging %s to MLflow: it is not a local path on the driver", url)
         elif path.is_dir():
             mlflow.log_artifacts(str(path), artifact_path=artifact_path)

@@ -114,7 +114,7 @@ def test_job_on_a_parquet_table_keeps_bad_rows_and_original_sizes(spark, run_dir
 
 def test_job_on_a_folder_of_files_reports_empty_and_unreadable(spark, run_dir, tmp_path):
     from petseg.errors import RejectedInput
-    from petseg.infer.inputs import read_file
+    from petseg.io.fs import read_file
 
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
@@ -140,6 +140,16 @@ def test_job_on_a_folder_of_files_reports_empty_and_unreadable(spark, run_dir, t
     frame = spark.createDataFrame([((folder / "a.jpg").as_uri(),), ((folder / "gone.jpg").as_uri(),)], "path string")
     got = frame.select(segment_column("path", str(run_dir), read_files=True).alias("s")).collect()
     assert got[0]["s"]["error"] is None and got[1]["s"]["error"].startswith("file_unreadable")
+
+
+def test_job_segments_files_whose_names_hold_a_space_a_percent_and_a_hash(spark, run_dir, tmp_path):
+    folder = tmp_path / "photos a b%20#1"
+    folder.mkdir()
+    (folder / "a b%20#1.jpg").write_bytes(render.encode_jpeg(render.synthetic_pet(3, seed=4, size=(40, 30)).image))
+    _, report = _infer(spark, f"infer.model={run_dir}", f"infer.input={folder}", f"infer.output={tmp_path / 'odd'}")
+    assert report.segmented == 1 and report.failed == {}
+    [row] = spark.read.parquet(str(tmp_path / "odd")).collect()
+    assert row["path"] == f"file://{folder}/a b%20#1.jpg" and (row["height"], row["width"]) == (30, 40)
 
 
 def test_job_on_the_ingested_dataset_and_catalog_tables(spark, run_dir, tmp_path):
@@ -195,7 +205,7 @@ def test_job_fails_at_once_on_a_bad_model_or_input(spark, run_dir, tmp_path):
 
 
 def test_listing_follows_hadoop_globs_and_spark_hidden_names(tmp_path):
-    from petseg.infer.inputs import list_files
+    from petseg.io.fs import list_files
 
     for name in ["a.jpg", "b.png", "c.gif", "_SUCCESS", ".DS_Store", "sub/d.jpg", "2024-01/e.jpg", "_tmp/f.jpg",
                  "part=1/g.jpg"]:

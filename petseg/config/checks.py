@@ -10,7 +10,7 @@ from typing import Any
 
 from petseg.config.sections import Config, InputFormat, Source
 from petseg.errors import ConfigError
-from petseg.io.urls import is_table_name, normalize_url
+from petseg.io.urls import is_table_name, normalize_url, petastorm_url
 
 #: Which config sections each job reads, so that e.g. ``petseg train`` needs no ingest input.
 JOB_SECTIONS = {
@@ -27,7 +27,7 @@ def validate(cfg: Config, *, job: str = "ingest") -> None:
     sections = JOB_SECTIONS.get(job, tuple(JOB_SECTIONS["demo"]))
     if {"data", "train"} & set(sections):
         _require(bool(cfg.data.dataset), "data.dataset", cfg.data.dataset, "a dataset URL such as file:///tmp/pets")
-        cfg.data.dataset = normalize_url(str(cfg.data.dataset), key="data.dataset")
+        cfg.data.dataset = petastorm_url(normalize_url(str(cfg.data.dataset), key="data.dataset"), key="data.dataset")
     _require(cfg.data.image_size >= 8, "data.image_size", cfg.data.image_size, "an integer >= 8 (the recipe uses 128)")
     if "data" in sections:
         _validate_data(cfg)

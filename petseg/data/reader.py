@@ -17,6 +17,7 @@ from petastorm.predicates import in_set
 from petastorm.reader import Reader
 
 from petseg.data.schema import SPLIT, SPLITS
+from petseg.io import urls
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -105,7 +106,7 @@ def split_stats(dataset_url: str) -> dict[str, tuple[int, int]]:
     """``split -> (rows, row groups)`` from the Parquet file footers (no pixel data is read)."""
     from pyarrow import fs as pafs
 
-    filesystem, root = pafs.FileSystem.from_uri(dataset_url)
+    filesystem, root = urls.arrow_filesystem(dataset_url)
     rows: Counter[str] = Counter()
     groups: Counter[str] = Counter()
     for info in filesystem.get_file_info(pafs.FileSelector(root, recursive=True)):

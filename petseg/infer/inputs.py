@@ -4,12 +4,7 @@ bytes, or a folder of image files, as one frame of (key, image bytes or path, he
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
-from functools import lru_cache
-from typing import Any
-from urllib.parse import unquote, urlparse, urlunparse
 
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
@@ -17,8 +12,8 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import BinaryType, StringType, StructField, StructType
 
 from petseg.config import InferConfig, InputFormat
-from petseg.errors import InputError, RejectedInput
-from petseg.io.fs import Storage
+from petseg.errors import InputError
+from petseg.io.fs import Storage, is_glob, list_files
 
 #: Key columns tried, in order, when infer.key_column is null.
 KEY_CANDIDATES = ("id", "path", "key")
@@ -43,7 +38,7 @@ def detect_format(spark: SparkSession, url: str) -> InputFormat:
     """petastorm (a folder with Petastorm metadata), parquet (a folder of Parquet or a .parquet
     file), else images (a folder or glob of image files)."""
     storage = Storage(spark)
-    if _is_glob(url):
+    if is_glob(url):
         return InputFormat.images
     if storage.exists(f"{url.rstrip('/')}/_common_metadata"):
         return InputFormat.petastorm
@@ -116,52 +111,6 @@ def _image_files(spark: SparkSession, url: str, infer: InferConfig) -> ImageTabl
     return ImageTable(frame=frame, key="path", format=InputFormat.images, reads_files=True, has_sizes=False)
 
 
-def list_files(url: str) -> list[str]:
-    """URLs of every file under a folder (recursively), or matching a glob, on the driver.
-
-    Globs follow Hadoop's: ``*``, ``?`` and ``[...]`` within one path component, ``{a,b}``
-    alternatives; a matching folder contributes every file under it. Names starting with ``.`` or
-    ``_`` are hidden, as Spark treats them. pyarrow lists a whole tree in one native call (7 us a
-    file here), where walking Hadoop's iterator through py4j costs ~4 ms a file.
-    """
-    parsed = urlparse(url)
-    parts = parsed.path.split("/")
-    first_glob = next((i for i, part in enumerate(parts) if _is_glob(part)), None)
-    base_path = "/".join(parts[:first_glob]) if first_glob is not None else parsed.path
-    base_url = urlunparse(parsed._replace(path=base_path))
-    fs, base = _filesystem(base_url)
-    from pyarrow import fs as pafs
-
-    info = fs.get_file_info(base)
-    if info.type == pafs.FileType.File:
-        return [base_url] if first_glob is None else []
-    if info.type != pafs.FileType.Directory:
-        return []
-    patterns = [p.split("/") for p in _expand_braces("/".join(parts[first_glob:]))] if first_glob is not None else [[]]
-    found = []
-    for entry in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
-        if entry.type != pafs.FileType.File:
-            continue
-        relative = entry.path[len(base.rstrip("/")) + 1:].split("/")
-        if any(part.startswith((".", "_")) and "=" not in part for part in relative):
-            continue
-        if any(len(relative) >= len(p) and all(fnmatchcase(r, q) for r, q in zip(relative, p)) for p in patterns):
-            found.append(urlunparse(parsed._replace(path=f"{base_path.rstrip('/')}/{'/'.join(relative)}")))
-    return found
-
-
-def _is_glob(path: str) -> bool:
-    return any(c in path for c in "*?[{")
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    match = re.search(r"\{([^{}]*)\}", pattern)
-    if not match:
-        return [pattern]
-    head, tail = pattern[: match.start()], pattern[match.end():]
-    return [expanded for option in match.group(1).split(",") for expanded in _expand_braces(head + option + tail)]
-
-
 def _key_column(frame: DataFrame, configured: str | None, url: str) -> str:
     if configured:
         if configured not in frame.columns:
@@ -180,48 +129,3 @@ def _key_column(frame: DataFrame, configured: str | None, url: str) -> str:
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
-def read_file(url: str) -> bytes:
-    """The bytes of one file, on an executor.
-
-    Local paths (including Databricks' /dbfs and /Volumes mounts) are opened directly; other
-    schemes through pyarrow's file systems (s3a:// is read as s3://).
-
-    Raises
-    ------
-    RejectedInput
-        ``file_unreadable``, naming the file and the operating system's reason.
-    """
-    try:
-        if url.startswith("file:"):
-            with open(_local_path(url), "rb") as handle:
-                return handle.read()
-        fs, path = _filesystem(url)
-        with fs.open_input_stream(path) as stream:
-            return stream.readall()
-    except (OSError, ValueError) as exc:
-        raise RejectedInput("file_unreadable", f"{url}: {exc}") from None
-
-
-def _local_path(url: str) -> str:
-    return unquote(urlparse(url).path)
-
-
-@lru_cache(maxsize=8)
-def _filesystem_for(root: str) -> Any:
-    """One pyarrow file system per scheme and host per worker: creating one (an S3 client, an HDFS
-    connection) costs far more than reading a photo."""
-    from pyarrow import fs
-
-    return fs.FileSystem.from_uri(root)[0]
-
-
-def _filesystem(url: str) -> tuple[Any, str]:
-    if url.startswith("file:"):
-        from pyarrow import fs
-
-        return fs.LocalFileSystem(), _local_path(url)
-    parsed = urlparse("s3://" + url[len("s3a://"):] if url.startswith("s3a://") else url)
-    path = parsed.path if parsed.scheme in ("hdfs", "viewfs") else parsed.netloc + parsed.path
-    return _filesystem_for(f"{parsed.scheme}://{parsed.netloc}"), unquote(path)

@@ -69,8 +69,8 @@ def segment_udf(
 
     @pandas_udf(SEGMENTATION_SCHEMA)  # type: ignore[call-overload]
     def segment(batches: Iterator[Tuple[pd.Series, pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
-        from petseg.infer.inputs import read_file
         from petseg.infer.segment import Segmentation, segment_images
+        from petseg.io.fs import read_file
 
         loaded = artifact.load(model_uri, threads=threads)
         for data, heights, widths in batches:

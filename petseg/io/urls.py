@@ -1,17 +1,61 @@
-"""Locations: catalog table names, and the URLs and paths every stage reads and writes."""
+"""The one rule from a location (URL, mount or table name) to what each library needs.
+
+A location is a catalog table name (``name``, ``schema.name``, ``catalog.schema.name``: no slash),
+a URL ``scheme://authority/path`` (also Hadoop's ``file:/path`` form), or a local path, which
+:func:`normalize_url` turns into a ``file://`` URL. Databricks' ``dbfs:/x`` and Unity Catalog's
+``/Volumes/...`` are read through their local mounts (``file:///dbfs/x``, ``file:///Volumes/...``).
+
+Percent-escapes
+---------------
+None. Every character after ``scheme://authority`` is the path's own: ``file:///data/50%25 #1.jpg``
+names a file called ``50%25 #1.jpg``, with a space, a ``%`` and a ``#`` in it. This is Hadoop's rule
+(``new Path(String)`` quotes what it is given; query and fragment are not supported) and so the form
+Spark lists paths in (binaryFile's ``path`` column, file statuses), and it is how pyarrow and
+fsspec take paths. It is not RFC 8089: a URI from ``pathlib.Path.as_uri()`` or a browser keeps its
+``%20`` as three characters, so pass the plain path instead. Nothing in petseg unquotes a URL.
+
+Who handles what
+----------------
+- Spark's Hadoop FileSystem (:class:`petseg.io.fs.Storage`): what the cluster writes (datasets,
+  outputs, renames), where its credentials and committers are configured.
+- pyarrow (:func:`arrow_filesystem`): listing and reading files on the driver and executors, and
+  Parquet footers. Its own file systems where it has one (local, HDFS, S3 for ``s3://`` and
+  ``s3a://``, GCS), which are native and need no extra package; fsspec's for the other schemes
+  (e.g. ``abfss://`` through adlfs), wrapped as a pyarrow file system so callers see one API.
+- The local file system (:func:`local_path`): what TensorFlow, MLflow and ``open()`` read and
+  write, which must be a local path or a mount every node sees (NFS, ``/dbfs``, ``/Volumes``).
+"""
 
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from petseg.errors import ConfigError
 
 #: URL schemes the dataset writer and the Petastorm reader both understand.
 DATASET_SCHEMES = ("file", "hdfs", "viewfs", "s3a", "s3", "gs", "abfss", "dbfs")
+#: Schemes pyarrow has a file system of its own for (s3a:// is Hadoop's name for the same S3).
+_ARROW_SCHEMES = {"hdfs": "hdfs", "viewfs": "viewfs", "s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs"}
 
 _TABLE_PART = r"(`[^`/]+`|[A-Za-z_]\w*)"
 _TABLE_NAME = re.compile(rf"^{_TABLE_PART}(\.{_TABLE_PART}){{0,2}}$")
+# scheme ":" ["//" authority] path: query and fragment are not parsed, as in Hadoop's Path.
+_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]+):(?://(?P<authority>[^/]*))?(?P<path>/.*)?$")
+
+
+class Url(NamedTuple):
+    """A URL's parts, each literal: ``scheme``, ``authority`` (host:port, bucket; "" if none), ``path``."""
+
+    scheme: str
+    authority: str
+    path: str
+
+    def with_path(self, path: str) -> str:
+        """This URL with another path, in the form it was given (``scheme://authority/path``)."""
+        return f"{self.scheme}://{self.authority}{path}"
 
 
 def is_table_name(value: str) -> bool:
@@ -22,23 +66,115 @@ def is_table_name(value: str) -> bool:
     return "/" not in value and bool(_TABLE_NAME.match(value))
 
 
-def normalize_url(url: str, *, key: str) -> str:
-    """Turn a user's path into a URL both Spark and Petastorm open.
+def split_url(url: str) -> Url:
+    """The literal parts of a URL; a plain path is a ``file`` URL.
 
-    Plain paths become absolute ``file://`` URLs; Databricks ``dbfs:/x`` and Unity Catalog
-    ``/Volumes/...`` paths go through their local FUSE mounts (``file:///dbfs/x``,
-    ``file:///Volumes/...``), which Petastorm's pyarrow reader can open and Spark can write.
+    Raises
+    ------
+    ValueError
+        For a relative path, which only :func:`normalize_url` may resolve (against the driver's cwd).
+    """
+    match = _URL.match(url)
+    if match is None or len(match.group("scheme")) == 1:  # "C:/..." is a drive, not a scheme
+        if not url.startswith("/"):
+            raise ValueError(f"{url!r} is a relative path; pass an absolute path or a URL")
+        return Url("file", "", url)
+    scheme = match.group("scheme").lower()
+    return Url(scheme, match.group("authority") or "", match.group("path") or "")
+
+
+def normalize_url(url: str, *, key: str) -> str:
+    """Turn a user's location into the URL every petseg stage uses for it.
+
+    Plain paths become absolute ``file://`` URLs, their characters unchanged; ``dbfs:/x`` becomes its
+    FUSE mount ``file:///dbfs/x``, which Petastorm's pyarrow reader can open and Spark can write.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``key`` when the scheme is not one petseg reads and writes.
     """
     if url.startswith("dbfs:/"):
-        return "file:///dbfs/" + url[len("dbfs:/") :].lstrip("/")
-    if "://" not in url:
+        return "file:///dbfs/" + url[len("dbfs:/"):].lstrip("/")
+    if "://" not in url and not url.startswith("file:/"):
         # Not Path.as_uri(): it percent-encodes, and Hadoop would then look for a file named
         # "%2A.jpg" instead of expanding the glob "*.jpg".
         return "file://" + str(Path(url).expanduser().absolute())
-    scheme = url.split("://", 1)[0].lower()
-    if scheme not in DATASET_SCHEMES:
+    parts = split_url(url)
+    if parts.scheme not in DATASET_SCHEMES:
         raise ConfigError(
-            f"{key}={url!r} has the unsupported scheme {scheme!r}; use one of {', '.join(DATASET_SCHEMES)} "
+            f"{key}={url!r} has the unsupported scheme {parts.scheme!r}; use one of {', '.join(DATASET_SCHEMES)} "
             "or a plain local path"
         )
+    return parts.with_path(parts.path) if parts.scheme == "file" else url
+
+
+def petastorm_url(url: str, *, key: str) -> str:
+    """``url``, checked for Petastorm's reader, which parses dataset URLs with urllib's ``urlparse``.
+
+    Raises
+    ------
+    ConfigError
+        When the path holds ``#`` or ``?``: ``urlparse`` would cut the path there, and the reader
+        would open another folder than the one ingest wrote.
+    """
+    bad = sorted({c for c in split_url(url).path if c in "#?"})
+    if bad:
+        raise ConfigError(
+            f"{key}={url!r} holds {' and '.join(repr(c) for c in bad)}, which Petastorm's reader takes for the "
+            "start of a URL fragment or query; choose a dataset folder whose path has neither"
+        )
     return url
+
+
+def is_local(url: str) -> bool:
+    """Whether ``url`` is on the local file system (or a mount of it): a ``file:`` URL or a path."""
+    return url.startswith("/") or split_url(url).scheme == "file"
+
+
+def local_path(url: str) -> Path:
+    """The local path of a ``file:`` URL (``file:///x``, ``file:/x``) or an absolute path, unchanged.
+
+    Raises
+    ------
+    ValueError
+        When ``url`` is on another file system (HDFS, an object store); callers say which key to fix.
+    """
+    if not is_local(url):
+        raise ValueError(f"{url!r} is not on the local file system or a mount of it")
+    return Path(split_url(url).path)
+
+
+def arrow_filesystem(url: str) -> tuple[Any, str]:
+    """A pyarrow file system for ``url`` and the path to pass it (see the module docstring).
+
+    Raises
+    ------
+    ImportError
+        From fsspec, naming the package a scheme needs (e.g. adlfs for ``abfss://``).
+    """
+    parts = split_url(url)
+    if parts.scheme == "file":
+        from pyarrow import fs
+
+        return fs.LocalFileSystem(), parts.path
+    arrow_scheme = _ARROW_SCHEMES.get(parts.scheme)
+    if arrow_scheme in ("hdfs", "viewfs"):
+        return _arrow_root(f"{arrow_scheme}://{parts.authority}"), parts.path
+    if arrow_scheme is not None:
+        return _arrow_root(f"{arrow_scheme}://{parts.authority}"), parts.authority + parts.path
+    import fsspec
+    from pyarrow import fs
+
+    filesystem, path = fsspec.core.url_to_fs(url)  # fsspec keeps one instance per scheme and options
+    return fs.PyFileSystem(fs.FSSpecHandler(filesystem)), path
+
+
+@lru_cache(maxsize=8)
+def _arrow_root(root: str) -> Any:
+    """One pyarrow file system per scheme and host per process: creating one (an S3 client, an HDFS
+    connection) costs far more than reading a photo."""
+    from pyarrow import fs
+
+    return fs.FileSystem.from_uri(root)[0]
+

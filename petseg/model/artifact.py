@@ -25,6 +25,7 @@ import numpy as np
 
 from petseg.data.decode import CLASSES
 from petseg.errors import InputError
+from petseg.io import urls
 
 METADATA_FILE = "petseg-model.json"
 FORMAT = "petseg-model/1"
@@ -133,12 +134,12 @@ def resolve(uri: str) -> ModelArtifact:
     InputError
         When the path is not local, does not exist, or holds no petseg metadata.
     """
-    if "://" in uri and not uri.startswith("file://"):
+    if not urls.is_local(uri):
         raise InputError(
             f"model {uri!r} is not a local path; TensorFlow loads models from files, so put the run on "
             "storage every executor mounts (NFS, /dbfs/..., /Volumes/...) and pass that path"
         )
-    path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    path = urls.local_path(uri)
     for run_dir in (path, path.parent):
         meta_file = run_dir / METADATA_FILE
         if meta_file.is_file():

@@ -14,7 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+
+from petseg.io import urls
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +29,12 @@ class StoppedAfterEpoch(RuntimeError):
 
 def local_path(url: str) -> Path:
     """A file:// URL (or plain path) as a local path TensorFlow's file APIs can open."""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("", "file"):
+    if not urls.is_local(url):
         raise ValueError(
             f"train.output_dir={url!r}: training writes through the local file system; use a local path, "
             "a shared mount (NFS, /dbfs, /Volumes) or file:// URL"
         )
-    return Path(parsed.path if parsed.scheme else url)
+    return urls.local_path(url)
 
 
 def progress(message: str, **fields: Any) -> None:
