@@ -1,13 +1,12 @@
-"""spark-submit entry point for evaluation: ``spark-submit jobs/evaluate.py [--conf FILE ...] [key=value ...]``."""
+"""spark-submit entry point for the evaluation job: ``spark-submit jobs/evaluate.py [--conf FILE ...] [key=value ...]``.
 
-import logging
+It only hands its arguments to the console script's main, which parses them, runs the job and ends a
+failed one with one readable line and a non-zero exit status.
+"""
+
 import sys
 
-from petseg.config import parse_job_arguments
-from petseg.evaluate import run_evaluate
-from petseg.session import get_or_create
+from petseg.cli import main
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = parse_job_arguments(sys.argv[1:], job="evaluate")
-    print(run_evaluate(get_or_create(cfg.spark), evaluate=cfg.evaluate).format())
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

@@ -1,13 +1,12 @@
-"""spark-submit entry point for stage 3: ``spark-submit jobs/infer.py [--conf FILE ...] [key=value ...]``."""
+"""spark-submit entry point for stage 3, inference: ``spark-submit jobs/infer.py [--conf FILE ...] [key=value ...]``.
 
-import logging
+It only hands its arguments to the console script's main, which parses them, runs the job and ends a
+failed one with one readable line and a non-zero exit status.
+"""
+
 import sys
 
-from petseg.config import parse_job_arguments
-from petseg.infer.job import run_infer
-from petseg.session import get_or_create
+from petseg.cli import main
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = parse_job_arguments(sys.argv[1:], job="infer")
-    print(run_infer(get_or_create(cfg.spark), infer=cfg.infer, tracking=cfg.mlflow).format())
+    sys.exit(main(["infer", *sys.argv[1:]]))

@@ -1,0 +1,106 @@
+"""The shape of the code: no import cycles, unique module names, light imports where they must stay light,
+and entry points that only hand their arguments to petseg.cli."""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "petseg"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imports(module: str) -> set[str]:
+    """petseg modules that ``module`` imports anywhere in its body, functions included."""
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found |= {name for name in names if name in MODULES and name != module}
+    return found
+
+
+def test_no_import_cycles():
+    graph = {module: _imports(module) for module in MODULES}
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            cycle = path[path.index(module):] + [module]
+            pytest.fail("import cycle: " + " -> ".join(cycle))
+        if module in done:
+            return
+        for imported in sorted(graph[module]):
+            # A package's __init__ re-exporting its own modules is not a cycle through them.
+            if not imported.startswith(module + "."):
+                visit(imported, path + [module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_no_two_modules_share_a_name():
+    stems: dict[str, list[str]] = {}
+    for module, path in MODULES.items():
+        if path.name != "__init__.py":
+            stems.setdefault(path.stem, []).append(module)
+    assert {stem: mods for stem, mods in stems.items() if len(mods) > 1} == {}
+
+
+def _loaded_after_import(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print('\\n'.join(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "TF_USE_LEGACY_KERAS": "1"})
+    assert done.returncode == 0, done.stderr
+    return set(done.stdout.split())
+
+
+@pytest.mark.parametrize("module", ["petseg.ingest", "petseg.infer", "petseg.evaluate", "petseg.cli", "petseg.config"])
+def test_stages_import_without_tensorflow(module):
+    loaded = _loaded_after_import(f"import {module}")
+    assert "tensorflow" not in loaded and "tf_keras" not in loaded
+
+
+def test_inference_code_on_an_executor_pulls_in_neither_training_nor_petastorm_nor_mlflow():
+    # What the UDF imports on an executor: the segmentation core, the model artifact, file reads.
+    loaded = _loaded_after_import(
+        "import petseg.infer, petseg.infer.segment, petseg.model.artifact, petseg.io.fs, petseg.evaluate"
+    )
+    assert not {m for m in loaded if m.startswith(("petseg.train", "petastorm", "mlflow"))}
+
+
+@pytest.mark.parametrize("job", ["ingest", "train", "infer", "evaluate"])
+def test_jobs_end_a_bad_configuration_with_one_line(job):
+    done = subprocess.run([sys.executable, str(ROOT / "jobs" / f"{job}.py"), "data.image_size=tiny"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("petseg: bad value for config key 'data.image_size'")
+
+
+def test_a_job_ends_bad_input_with_one_line(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "jobs" / "infer.py"), "spark.master=local[1]",
+                           f"infer.model={tmp_path / 'no-run'}", f"infer.input={tmp_path}", f"infer.output={tmp_path / 'o'}"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYSPARK_PYTHON": sys.executable})
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("petseg infer: model ") and "does not exist" in done.stderr
