@@ -3,6 +3,7 @@ and entry points that only hand their arguments to petseg.cli."""
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,26 @@ def test_a_job_ends_bad_input_with_one_line(tmp_path):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYSPARK_PYTHON": sys.executable})
     assert done.returncode == 1, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith("petseg infer: model ") and "does not exist" in done.stderr
+
+
+def test_every_path_the_readme_names_exists():
+    readme = (ROOT / "README.md").read_text()
+    named = set(re.findall(r"\b((?:petseg|jobs|bench|tests|conf)/[\w/.-]*\w)", readme))
+    assert named and sorted(p for p in named if not (ROOT / p).exists()) == []
+    # The Layout block names files under their folder: each must be there, and every room is named.
+    block = readme.split("## Layout\n", 1)[1].split("```")[1]
+    folder, missing = None, []
+    for line in block.splitlines():
+        label = re.match(r"^  (\w+)/\s", line)
+        if label:
+            folder = PACKAGE / label.group(1)
+        elif re.match(r"^  \S", line):
+            folder = PACKAGE
+        elif not line.startswith("   "):
+            folder = None
+        if folder is not None:
+            missing += [str(folder / name) for name in re.findall(r"\b(\w+\.py)\b", line) if not (folder / name).exists()]
+    assert missing == []
+    rooms = {p.name if p.suffix == ".py" else f"{p.name}/" for p in PACKAGE.iterdir()
+             if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").exists()}
+    assert rooms - set(re.findall(r"\b(\w+\.py|\w+/)", block)) == set()

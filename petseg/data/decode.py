@@ -1,4 +1,4 @@
-"""Decoding, validating and resizing pet images and trimaps.
+"""Pixels from files: decoding, validating and resizing pet images and trimaps.
 
 These are the only pixel operations petseg performs on raw files: ingest, and later inference,
 call them so that training and serving see pixels prepared the same way.

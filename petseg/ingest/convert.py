@@ -66,7 +66,7 @@ class IngestReport:
 
 
 def load_pairs(spark: SparkSession, data: DataConfig) -> DataFrame:
-    """The configured source as a DataFrame of :data:`petseg.sources.PAIRS_SCHEMA`."""
+    """The configured source as a DataFrame of :data:`petseg.ingest.pairs.PAIRS_SCHEMA`."""
     partitions = data.partitions or 2 * spark.sparkContext.defaultParallelism
     if data.source is Source.synthetic:
         from petseg.ingest.synthetic import load_synthetic

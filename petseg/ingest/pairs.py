@@ -1,8 +1,8 @@
-"""Readers that turn each supported input into one DataFrame of encoded image/trimap pairs.
+"""What every ingest source yields: one DataFrame of encoded image/trimap pairs (:data:`PAIRS_SCHEMA`).
 
-Every source yields :data:`PAIRS_SCHEMA`; a row either carries both encoded files or a ``reason``
-saying why it cannot (a trimap with no image, an image in no split list, ...). Decoding happens
-once, later, in :mod:`petseg.ingest`, the same way for every source.
+A row either carries both encoded files or a ``reason`` saying why it cannot (a trimap with no
+image, an image in no split list, ...). Decoding happens once, later, in
+:mod:`petseg.ingest.convert`, the same way for every source (oxford, tfds, synthetic).
 """
 
 from __future__ import annotations
