@@ -1,5 +1,7 @@
-"""The evaluation job: a model's confusion matrix over a labelled split, summed across executors,
-and the pixel accuracy and IoUs that follow from it."""
+"""The evaluation job: how well a trained model segments a labelled split of an ingested dataset.
+
+Each task returns one confusion matrix, summed across executors; pixel accuracy and IoUs follow from it.
+"""
 
 from __future__ import annotations
 

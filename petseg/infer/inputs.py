@@ -1,5 +1,8 @@
-"""Reading what the inference job segments: a petseg dataset, a Parquet dataset or table of image
-bytes, or a folder of image files, as one frame of (key, image bytes or path, height, width)."""
+"""What the inference job segments: any supported input as one frame of rows to segment.
+
+A petseg dataset, a Parquet dataset or catalog table of image bytes, or a folder or glob of image
+files becomes one frame of (key, image bytes or path, height, width).
+"""
 
 from __future__ import annotations
 
