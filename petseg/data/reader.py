@@ -7,9 +7,10 @@ that merely inspects a dataset stays light.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import posixpath
-from collections import Counter
-from typing import TYPE_CHECKING, Iterator, Sequence
+from collections import Counter, deque
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import pyarrow.parquet as pq
 from petastorm import make_reader
@@ -26,6 +27,37 @@ if TYPE_CHECKING:
 TRAINING_FIELDS = ("id", "image", "mask")
 
 
+class IncompleteReadError(RuntimeError):
+    """A reader delivered fewer rows than its shard holds: a read that would silently lose data."""
+
+
+#: The field that tells rows apart when epochs are cut from an endless read: ingest writes one
+#: source per row (a file path, a tfds record, a synthetic index), so it is unique where ids may not be.
+_ROW_KEY = "source_path"
+
+
+class SplitReader:
+    """Rows of one split (or one shard of it), exactly the shard's rows per epoch, each once.
+
+    Iterating yields Petastorm rows (namedtuples of the fields asked for, plus ``split`` and
+    ``source_path``); :attr:`schema` is the reader's, and :attr:`rows_per_epoch` what one epoch holds.
+    """
+
+    def __init__(self, reader: Reader, *, rows_per_epoch: int, num_epochs: int | None, shard: str) -> None:
+        self._reader = reader
+        self.rows_per_epoch = rows_per_epoch
+        self.num_epochs = num_epochs
+        self._shard = shard
+
+    @property
+    def schema(self) -> Any:
+        return self._reader.schema
+
+    def __iter__(self) -> Iterator[Any]:
+        return _cut_epochs(iter(self._reader), rows_per_epoch=self.rows_per_epoch, num_epochs=self.num_epochs,
+                           shard=self._shard)
+
+
 @contextlib.contextmanager
 def open_split(
     dataset_url: str,
@@ -38,8 +70,11 @@ def open_split(
     shuffle: bool = False,
     seed: int | None = None,
     workers_count: int = 2,
-) -> Iterator[Reader]:
-    """A Petastorm reader over one split, optionally one shard of it, as a context manager.
+) -> Iterator[SplitReader]:
+    """A reader over one split, optionally one shard of it, as a context manager.
+
+    Every epoch delivers every row of the shard exactly once, or the read fails with
+    :class:`IncompleteReadError` naming the shard and both counts (see :func:`_cut_epochs`).
 
     Parameters
     ----------
@@ -54,24 +89,65 @@ def open_split(
     """
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not a petseg split; use one of {', '.join(SPLITS)}")
+    rows = shard_rows(dataset_url, split=split, shard=shard, shard_count=shard_count)
     # petastorm resolves a partition predicate through the reader's field view, so the split
     # column must be among the fields read or make_reader fails with KeyError: 'split'.
-    fields = list(dict.fromkeys([*fields, SPLIT]))
+    fields = list(dict.fromkeys([*fields, SPLIT, _ROW_KEY]))
     with make_reader(
         dataset_url,
         schema_fields=fields,
         predicate=in_set({split}, SPLIT),
         cur_shard=shard,
         shard_count=shard_count,
-        num_epochs=num_epochs,
+        # Always endless: see _cut_epochs for why a bounded petastorm read cannot be trusted.
+        num_epochs=None,
         shuffle_row_groups=shuffle,
         seed=seed,
         workers_count=workers_count,
     ) as reader:
-        yield reader
+        label = f"split {split!r} of {dataset_url}" + (f", shard {shard} of {shard_count}" if shard_count else "")
+        yield SplitReader(reader, rows_per_epoch=rows, num_epochs=num_epochs, shard=label)
 
 
-def make_tf_dataset(reader: Reader, *, chunk: int = 64) -> "tf.data.Dataset":
+def _cut_epochs(rows: Iterator[Any], *, rows_per_epoch: int, num_epochs: int | None, shard: str) -> Iterator[Any]:
+    """Cut an endless petastorm read into epochs of exactly the shard's rows, each row once per epoch.
+
+    Why: petastorm 0.13.1 ends a ``num_epochs=1`` read early without an error. Its thread pool's
+    ``get_results`` (workers_pool/thread_pool.py, lines 186-189) checks ``all_workers_done()`` before
+    ``self._ventilator.completed()``; the ventilator can hand out the last row groups and mark itself
+    completed between the two checks, so the pool raises ``EmptyResultError``, which
+    ``py_dict_reader_worker.py`` turns into a plain ``StopIteration``: whole row groups go missing
+    (measured: a third of 30 reads of a 9-row-group split). Since petastorm PR #810 (0.13.0) that
+    branch spins without blocking, which makes the race frequent; the process and dummy pools order
+    the checks the same way. An endless read never takes the branch (its ventilator never
+    completes), so every read here is endless and cut by count. With more than one reader worker a
+    row group of the next epoch can arrive before the last of this one, so a row whose key this
+    epoch has already delivered is held back for the next, and every epoch holds each row once.
+    """
+    if rows_per_epoch == 0:
+        return  # an empty shard: an endless loop of empty epochs would never yield
+    held: deque[Any] = deque()
+    epochs = itertools.count() if num_epochs is None else range(num_epochs)
+    for _ in epochs:
+        seen: set[Any] = set()
+        early: deque[Any] = deque()
+        while len(seen) < rows_per_epoch:
+            row = held.popleft() if held else next(rows, None)
+            if row is None:
+                raise IncompleteReadError(
+                    f"{shard}: the reader delivered {len(seen)} of the shard's {rows_per_epoch} rows and stopped; "
+                    "nothing was lost silently, re-run the read"
+                )
+            key = getattr(row, _ROW_KEY)
+            if key in seen:
+                early.append(row)
+                continue
+            seen.add(key)
+            yield row
+        held.extend(early)
+
+
+def make_tf_dataset(reader: SplitReader, *, chunk: int = 64) -> "tf.data.Dataset":
     """``(image uint8 [H, W, 3], mask uint8 [H, W])`` pairs from a reader opened on image and mask.
 
     Rows are stacked into chunks in Python and unbatched by tf.data: TensorFlow's generator bridge
@@ -102,23 +178,46 @@ def make_tf_dataset(reader: Reader, *, chunk: int = 64) -> "tf.data.Dataset":
     return tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
 
 
-def split_stats(dataset_url: str) -> dict[str, tuple[int, int]]:
-    """``split -> (rows, row groups)`` from the Parquet file footers (no pixel data is read)."""
+def _row_groups(dataset_url: str) -> list[tuple[str, int]]:
+    """``(split, rows)`` of every row group, in the order petastorm numbers them for sharding.
+
+    petastorm's ``load_row_groups`` orders a materialized dataset's pieces by file path, then row group
+    within each file; its shard ``k`` of ``n`` reads the row groups whose index ``i % n == k``. Only the
+    Parquet footers are read, no pixel data.
+    """
     from pyarrow import fs as pafs
 
     filesystem, root = urls.arrow_filesystem(dataset_url)
-    rows: Counter[str] = Counter()
-    groups: Counter[str] = Counter()
+    files = []
     for info in filesystem.get_file_info(pafs.FileSelector(root, recursive=True)):
         folder, name = posixpath.split(info.path)
         partition = posixpath.basename(folder)
         if info.is_file and name.endswith(".parquet") and partition.startswith(f"{SPLIT}="):
-            split = partition.split("=", 1)[1]
-            with filesystem.open_input_file(info.path) as f:
-                meta = pq.ParquetFile(f).metadata
-            rows[split] += meta.num_rows
-            groups[split] += meta.num_row_groups
+            files.append((info.path, partition.split("=", 1)[1]))
+    groups = []
+    for path, split in sorted(files):
+        with filesystem.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
+        groups += [(split, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
+    return groups
+
+
+def split_stats(dataset_url: str) -> dict[str, tuple[int, int]]:
+    """``split -> (rows, row groups)`` from the Parquet file footers (no pixel data is read)."""
+    rows: Counter[str] = Counter()
+    groups: Counter[str] = Counter()
+    for split, count in _row_groups(dataset_url):
+        rows[split] += count
+        groups[split] += 1
     return {split: (rows[split], groups[split]) for split in rows}
+
+
+def shard_rows(dataset_url: str, *, split: str, shard: int | None = None, shard_count: int | None = None) -> int:
+    """The rows of ``split`` that petastorm's shard ``shard`` of ``shard_count`` reads in one epoch."""
+    return sum(
+        count for i, (group_split, count) in enumerate(_row_groups(dataset_url))
+        if group_split == split and (not shard_count or i % shard_count == shard)
+    )
 
 
 def row_groups_per_split(dataset_url: str) -> dict[str, int]:

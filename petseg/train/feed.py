@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from petastorm.reader import Reader
+from petseg.data.reader import SplitReader
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -20,7 +20,7 @@ def random_flip(image: "tf.Tensor", mask: "tf.Tensor", *, seed: int | None = Non
 
 
 def make_dataset(
-    reader: Reader,
+    reader: SplitReader,
     *,
     batch_size: int,
     preprocessing: str,
