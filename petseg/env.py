@@ -32,9 +32,12 @@ def visible_gpus() -> str | None:
 def prepare_process_environment(*, master: str | None) -> None:
     """Set the variables Spark and TensorFlow read at start-up, before either starts in this process.
 
-    TF_USE_LEGACY_KERAS selects tf-keras; PYSPARK_PYTHON makes local executors run this interpreter
-    (else they run ``python3`` from PATH, which lacks petseg's packages). Values a user set are kept.
+    TF_USE_LEGACY_KERAS selects tf-keras; for a local master (``local[...]``), PYSPARK_PYTHON makes the
+    executors run this interpreter (else they run ``python3`` from PATH, which lacks petseg's
+    packages). Any other master, or none (spark-submit, YARN, Kubernetes, Databricks), has executors
+    on other machines, where this interpreter's path means nothing: their Python is the cluster's to
+    set (``spark.pyspark.python``). Values a user set are kept.
     """
     os.environ.setdefault(LEGACY_KERAS_ENV, "1")
-    if master is None or master.startswith("local"):
+    if master is not None and master.startswith("local"):
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)

@@ -1,3 +1,6 @@
+import os
+import sys
+
 import pytest
 
 from petseg import config
@@ -92,3 +95,13 @@ def test_infer_and_evaluate_sections():
                     job="evaluate")
     assert [urls.is_table_name(v) for v in ("t", "s.t", "c.s.t", "`my-cat`.s.t", "./t", "/t", "s3://b/t")] == [
         True, True, True, True, False, False, False]
+
+
+@pytest.mark.parametrize("master,expected", [("local[2]", sys.executable), ("local-cluster[2,1,1024]", sys.executable),
+                                             (None, None), ("yarn", None), ("spark://host:7077", None)])
+def test_executors_python_is_this_interpreter_for_local_masters_only(monkeypatch, master, expected):
+    from petseg import env
+
+    monkeypatch.delenv("PYSPARK_PYTHON", raising=False)
+    env.prepare_process_environment(master=master)
+    assert os.environ.get("PYSPARK_PYTHON") == expected
