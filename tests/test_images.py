@@ -86,6 +86,23 @@ def test_prepare_example_rejections(pet):
     with pytest.raises(RejectedInput) as err:
         decode.prepare_example(jpeg, None, size=64)
     assert err.value.reason == "mask_empty"
+    # A 16-bit trimap: 258 must not wrap round to a valid 2; one holding 1..3 is fine.
+    wide = pet.trimap.astype(np.uint16)
+    assert decode.prepare_example(jpeg, _png16(wide), size=64).mask.max() == 2
+    wide[5, 5] = 258
+    with pytest.raises(RejectedInput, match="uint16 and holds values from 1 to 258") as err:
+        decode.prepare_example(jpeg, _png16(wide), size=64)
+    assert err.value.reason == "mask_values_out_of_range"
+
+
+def _png16(array: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def test_synthetic_is_deterministic_and_has_three_classes():

@@ -130,6 +130,13 @@ def decode_trimap(data: bytes | None) -> np.ndarray:
                 f"the mask has {arr.shape[2]} channels with different values; save trimaps as 8-bit grayscale",
             )
         arr = arr[..., 0]
+    if arr.dtype != np.uint8 and arr.size and (arr.min() < 0 or arr.max() > 255):
+        # Checked before the cast to uint8, which would wrap 258 round to a valid-looking 2.
+        raise RejectedInput(
+            "mask_values_out_of_range",
+            f"the mask is {arr.dtype} and holds values from {arr.min()} to {arr.max()}; Oxford-IIIT trimaps use "
+            "only 1 (pet), 2 (background), 3 (border)",
+        )
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
