@@ -94,12 +94,12 @@ def _confusion_columns(n_classes: int) -> list[str]:
 
 
 def _confusion_per_partition(
-    model_uri: str, *, batch_size: int, n_classes: int, threads: int
+    model_uri: str, *, version: str, batch_size: int, n_classes: int, threads: int
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from petseg.data.decode import decode_for_model, decode_label_mask, resize_mask
 
-        loaded = artifact.load(model_uri, threads=threads)
+        loaded = artifact.load(model_uri, threads=threads, version=version)
         total, images = np.zeros((n_classes, n_classes), np.int64), 0
         for batch in batches:
             pixels = np.stack([decode_for_model(b, size=loaded.image_size)[0] for b in batch["image"]])
@@ -141,7 +141,8 @@ def run_evaluate(spark: SparkSession, *, evaluate: EvaluateConfig) -> Evaluation
     columns = _confusion_columns(len(classes))
     schema = StructType([StructField(name, LongType(), False) for name in ["images", *columns]])
     per_partition = rows.mapInPandas(
-        _confusion_per_partition(str(evaluate.model), batch_size=evaluate.batch_size, n_classes=len(classes), threads=threads),
+        _confusion_per_partition(str(evaluate.model), version=model.version, batch_size=evaluate.batch_size,
+                                 n_classes=len(classes), threads=threads),
         schema,
     )
     summed = per_partition.agg(*[F.sum(c).alias(c) for c in ["images", *columns]]).first()
@@ -160,7 +161,7 @@ def run_evaluate(spark: SparkSession, *, evaluate: EvaluateConfig) -> Evaluation
         output=str(evaluate.output),
         seconds=round(time.perf_counter() - start, 2),
     )
-    preview = _preview(rows, evaluate) if evaluate.preview_images else None
+    preview = _preview(rows, evaluate, version=model.version) if evaluate.preview_images else None
     with storage.atomic_output(str(evaluate.output)) as tmp:
         storage.write_bytes(f"{tmp}/{METRICS_FILE}", report.to_json().encode())
         if preview is not None:
@@ -169,13 +170,13 @@ def run_evaluate(spark: SparkSession, *, evaluate: EvaluateConfig) -> Evaluation
     return report
 
 
-def _preview(rows: DataFrame, evaluate: EvaluateConfig) -> bytes:
+def _preview(rows: DataFrame, evaluate: EvaluateConfig, *, version: str) -> bytes:
     """The predictions grid for the first ``preview_images`` rows, predicted on the driver."""
     from petseg.data.decode import decode_for_model, decode_label_mask
     from petseg.plots import predictions_png
 
     sample = rows.orderBy("id").limit(evaluate.preview_images).collect()
-    loaded = artifact.load(str(evaluate.model))
+    loaded = artifact.load(str(evaluate.model), version=version)
     images = np.stack([decode_for_model(r["image"], size=loaded.image_size)[0] for r in sample])
     masks = np.stack([decode_label_mask(r["mask"]) for r in sample])
     predicted = loaded.predict_labels(images, batch_size=evaluate.batch_size)

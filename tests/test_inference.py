@@ -152,6 +152,34 @@ def test_job_segments_files_whose_names_hold_a_space_a_percent_and_a_hash(spark,
     assert row["path"] == f"file://{folder}/a b%20#1.jpg" and (row["height"], row["width"]) == (30, 40)
 
 
+def test_a_run_retrained_into_the_same_folder_is_loaded_anew_in_reused_workers(spark, tmp_path):
+    """A notebook: infer, retrain into the same folder, infer again in the same session (Spark reuses
+    its Python workers, and with them any model they cached)."""
+    from petseg.model import build_unet, preprocess
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    pets = [render.synthetic_pet(i, seed=6, size=(48, 40)) for i in range(4)]
+    for i, pet in enumerate(pets):
+        (folder / f"p{i}.png").write_bytes(render.encode_png(pet.image))
+    run = tmp_path / "run"
+    for seed, run_id in ((11, "first"), (12, "second")):
+        model = build_unet(image_size=32, n_depth=2, encoder_weights="none", seed=seed)
+        model.save(str(run / artifact.MODEL_FOLDER), include_optimizer=False)
+        artifact.write_metadata(run, image_size=32, preprocessing="unit_scale", run_id=run_id)
+        _, report = _infer(spark, f"infer.model={run}", f"infer.input={folder}", f"infer.output={tmp_path / run_id}",
+                           "infer.partitions=2")
+        assert report.model_version == run_id and report.segmented == 4
+        pixels = preprocess(np.stack([decode.resize_image(p.image, 32) for p in pets]), "unit_scale")
+        expected = np.argmax(model.predict(pixels, verbose=0), axis=-1).astype(np.uint8)  # a fresh local predict
+        for row in spark.read.parquet(str(tmp_path / run_id)).collect():
+            i = int(row["path"].rsplit("/p", 1)[1].split(".")[0])
+            assert row["model_version"] == run_id
+            np.testing.assert_array_equal(_decode_png(row["mask_png"]), decode.resize_mask(expected[i], (40, 48)))
+    with pytest.raises(InputError, match="is now version second, not first"):
+        artifact.load(f"file://{run}", version="first")
+
+
 def test_job_on_the_ingested_dataset_and_catalog_tables(spark, run_dir, tmp_path):
     from conftest import data_config
 

@@ -57,6 +57,7 @@ def segment_udf(
     model_resolution: bool = False,
     read_files: bool = False,
     threads: int | None = None,
+    model_version: str | None = None,
 ):
     """A pandas UDF (Iterator of (data, height, width) Series -> Iterator of DataFrame) that segments images.
 
@@ -72,7 +73,7 @@ def segment_udf(
         from petseg.infer.segment import Segmentation, segment_images
         from petseg.io.fs import read_file
 
-        loaded = artifact.load(model_uri, threads=threads)
+        loaded = artifact.load(model_uri, threads=threads, version=model_version)
         for data, heights, widths in batches:
             values = data.tolist()
             failed: dict[int, Segmentation] = {}
@@ -114,6 +115,7 @@ def segment_column(
     width: Column | str | None = None,
     read_files: bool = False,
     threads: int | None = None,
+    model_version: str | None = None,
 ) -> Column:
     """A struct column of :data:`SEGMENTATION_SCHEMA` segmenting an encoded-image column.
 
@@ -125,10 +127,14 @@ def segment_column(
         A training run's output folder (or its ``model/``) that every executor can open.
     height, width
         Columns with the size to return masks at; by default the decoded image's own size.
+    model_version
+        The run the caller labels its rows with (:attr:`petseg.model.artifact.ModelArtifact.version`);
+        executors fail rather than segment with another. None: whatever the folder holds.
     """
     no_size = F.lit(None).cast("int")
     udf = segment_udf(
-        model_uri, batch_size=batch_size, model_resolution=model_resolution, read_files=read_files, threads=threads
+        model_uri, batch_size=batch_size, model_resolution=model_resolution, read_files=read_files, threads=threads,
+        model_version=model_version,
     )
     return udf(
         F.col(column) if isinstance(column, str) else column,
@@ -215,6 +221,7 @@ def _segment_and_write(spark: SparkSession, *, infer: InferConfig, version: str,
         width="width" if table.has_sizes else None,
         read_files=table.reads_files,
         threads=threads,
+        model_version=version,
     )
     out = table.frame.select(F.col(table.key), segmentation.alias("s")).select(
         table.key,

@@ -183,27 +183,48 @@ class LoadedModel:
         return np.concatenate(out) if out else np.zeros((0, self.image_size, self.image_size), np.uint8)
 
 
-_CACHE: dict[str, LoadedModel] = {}
+#: (uri, version) -> the loaded model. Keyed by version, not only by URI: a notebook's Python workers
+#: live for hours, and a run retrained into the same folder must be loaded anew, never served as the old.
+_CACHE: dict[tuple[str, str], LoadedModel] = {}
 _LOCK = threading.Lock()
 
 
-def load(uri: str, *, threads: int | None = None) -> LoadedModel:
-    """Load a run's model once per process (Spark reuses Python workers, so once per worker).
+def load(uri: str, *, threads: int | None = None, version: str | None = None) -> LoadedModel:
+    """Load a run's model once per process and version (Spark reuses Python workers: once per worker).
 
-    ``threads`` caps TensorFlow's thread pools, so that each Spark task's TensorFlow uses the cores
-    the task was given (``spark.task.cpus``) instead of every core on the node.
+    Parameters
+    ----------
+    threads
+        Caps TensorFlow's thread pools, so that each Spark task's TensorFlow uses the cores the task
+        was given (``spark.task.cpus``) instead of every core on the node.
+    version
+        The version the caller expects (what the driver labels rows with); None takes what is there.
+
+    Raises
+    ------
+    InputError
+        When the folder now holds another version than ``version``: the run was replaced while a job
+        used it, and its rows would carry the wrong label.
     """
+    artifact = resolve(uri)  # a small JSON read: cheap beside a task, and it sees a retrained run
+    if version is not None and artifact.version != version:
+        raise InputError(
+            f"model {uri!r} is now version {artifact.version}, not {version} as when the job started: it was "
+            "retrained while the job ran; re-run the job to use the new model"
+        )
+    key = (uri, artifact.version)
     with _LOCK:
-        if uri not in _CACHE:
-            artifact = resolve(uri)
+        if key not in _CACHE:
             from petseg.model.unet import keras_module
 
             keras = keras_module()
             if threads:
                 _limit_threads(threads)
             model = keras.models.load_model(str(artifact.model_dir), compile=False)
-            _CACHE[uri] = LoadedModel(artifact, model, _logits_function(model, artifact.image_size))
-        return _CACHE[uri]
+            for stale in [k for k in _CACHE if k[0] == uri]:
+                del _CACHE[stale]  # an older version of this run: nothing will ask for it again
+            _CACHE[key] = LoadedModel(artifact, model, _logits_function(model, artifact.image_size))
+        return _CACHE[key]
 
 
 def _logits_function(model: Any, image_size: int) -> Any:
