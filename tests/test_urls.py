@@ -19,6 +19,7 @@ def test_paths_are_literal_in_every_form():
     assert urls.split_url(f"s3a://bucket/{ODD}").with_path("/other") == "s3a://bucket/other"
     assert str(urls.local_path(f"file:///runs/{ODD}")) == f"/runs/{ODD}"
     assert str(urls.local_path(f"/runs/{ODD}")) == f"/runs/{ODD}"
+    assert str(urls.local_path("runs/r1")) == "runs/r1" and urls.is_local("runs/r1")  # a notebook's relative path
     assert urls.is_local("file:/x") and not urls.is_local("s3a://b/x") and not urls.is_local("hdfs://nn/x")
     with pytest.raises(ValueError, match="not on the local file system"):
         urls.local_path("abfss://c@a.dfs.core.windows.net/x")

@@ -74,13 +74,13 @@ def split_url(url: str) -> Url:
     ValueError
         For a relative path, which only :func:`normalize_url` may resolve (against the driver's cwd).
     """
-    match = _URL.match(url)
-    if match is None or len(match.group("scheme")) == 1:  # "C:/..." is a drive, not a scheme
+    if _plain_path(url):  # no scheme ("C:/..." is a drive, not one)
         if not url.startswith("/"):
             raise ValueError(f"{url!r} is a relative path; pass an absolute path or a URL")
         return Url("file", "", url)
-    scheme = match.group("scheme").lower()
-    return Url(scheme, match.group("authority") or "", match.group("path") or "")
+    match = _URL.match(url)
+    assert match is not None
+    return Url(match.group("scheme").lower(), match.group("authority") or "", match.group("path") or "")
 
 
 def normalize_url(url: str, *, key: str) -> str:
@@ -129,11 +129,16 @@ def petastorm_url(url: str, *, key: str) -> str:
 
 def is_local(url: str) -> bool:
     """Whether ``url`` is on the local file system (or a mount of it): a ``file:`` URL or a path."""
-    return url.startswith("/") or split_url(url).scheme == "file"
+    return _plain_path(url) or split_url(url).scheme == "file"
+
+
+def _plain_path(url: str) -> bool:
+    match = _URL.match(url)
+    return match is None or len(match.group("scheme")) == 1
 
 
 def local_path(url: str) -> Path:
-    """The local path of a ``file:`` URL (``file:///x``, ``file:/x``) or an absolute path, unchanged.
+    """The local path of a ``file:`` URL (``file:///x``, ``file:/x``) or of a plain path, unchanged.
 
     Raises
     ------
@@ -142,7 +147,7 @@ def local_path(url: str) -> Path:
     """
     if not is_local(url):
         raise ValueError(f"{url!r} is not on the local file system or a mount of it")
-    return Path(split_url(url).path)
+    return Path(url) if _plain_path(url) else Path(split_url(url).path)
 
 
 def arrow_filesystem(url: str) -> tuple[Any, str]:
