@@ -47,15 +47,21 @@ class SplitReader:
         self._reader = reader
         self.rows_per_epoch = rows_per_epoch
         self.num_epochs = num_epochs
-        self._shard = shard
+        # One stream for the reader's life: rows held back for the next epoch live in it, so a second
+        # iteration continues where the first stopped instead of dropping them.
+        self._stream = _cut_epochs(iter(reader), rows_per_epoch=rows_per_epoch, num_epochs=num_epochs, shard=shard)
 
     @property
     def schema(self) -> Any:
         return self._reader.schema
 
     def __iter__(self) -> Iterator[Any]:
-        return _cut_epochs(iter(self._reader), rows_per_epoch=self.rows_per_epoch, num_epochs=self.num_epochs,
-                           shard=self._shard)
+        """The rows of every remaining epoch (like petastorm's reader, this is a one-pass iterator)."""
+        return self._stream
+
+    def next_epoch(self) -> Iterator[Any]:
+        """Exactly the rows of the next epoch: every row of the shard once."""
+        return itertools.islice(self._stream, self.rows_per_epoch)
 
 
 @contextlib.contextmanager
@@ -147,12 +153,19 @@ def _cut_epochs(rows: Iterator[Any], *, rows_per_epoch: int, num_epochs: int | N
         held.extend(early)
 
 
-def make_tf_dataset(reader: SplitReader, *, chunk: int = 64) -> "tf.data.Dataset":
+def make_tf_dataset(reader: SplitReader, *, chunk: int = 64, epoch_per_iteration: bool = False) -> "tf.data.Dataset":
     """``(image uint8 [H, W, 3], mask uint8 [H, W])`` pairs from a reader opened on image and mask.
 
     Rows are stacked into chunks in Python and unbatched by tf.data: TensorFlow's generator bridge
     costs about a millisecond per element, so handing it one row at a time (as petastorm's
     ``make_petastorm_dataset`` does) caps the pipeline far below what the reader itself delivers.
+
+    Parameters
+    ----------
+    epoch_per_iteration
+        False: one iteration of the dataset reads every remaining epoch of the reader. True: each
+        iteration (each ``iter()``, as Keras's ``evaluate`` makes one per call) reads exactly the
+        reader's next epoch, so repeated evaluations score every row once each.
     """
     import numpy as np
     import tensorflow as tf
@@ -162,7 +175,7 @@ def make_tf_dataset(reader: SplitReader, *, chunk: int = 64) -> "tf.data.Dataset
 
     def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         images, masks = [], []
-        for row in reader:
+        for row in reader.next_epoch() if epoch_per_iteration else reader:
             images.append(row.image)
             masks.append(row.mask)
             if len(images) == chunk:
@@ -202,6 +215,25 @@ def _row_groups(dataset_url: str) -> list[tuple[str, int]]:
     return groups
 
 
+def dataset_fingerprint(dataset_url: str) -> str:
+    """A digest of the dataset's file names and sizes: the same files give the same digest.
+
+    Spark names every file it writes with the writing job's id, so a re-ingest into the same
+    folder gives another digest even when the rows are alike.
+    """
+    import hashlib
+    import json
+
+    from pyarrow import fs as pafs
+
+    filesystem, root = urls.arrow_filesystem(dataset_url)
+    files = sorted(
+        (posixpath.relpath(info.path, root), info.size)
+        for info in filesystem.get_file_info(pafs.FileSelector(root, recursive=True)) if info.is_file
+    )
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+
+
 def split_stats(dataset_url: str) -> dict[str, tuple[int, int]]:
     """``split -> (rows, row groups)`` from the Parquet file footers (no pixel data is read)."""
     rows: Counter[str] = Counter()
@@ -214,10 +246,18 @@ def split_stats(dataset_url: str) -> dict[str, tuple[int, int]]:
 
 def shard_rows(dataset_url: str, *, split: str, shard: int | None = None, shard_count: int | None = None) -> int:
     """The rows of ``split`` that petastorm's shard ``shard`` of ``shard_count`` reads in one epoch."""
-    return sum(
-        count for i, (group_split, count) in enumerate(_row_groups(dataset_url))
-        if group_split == split and (not shard_count or i % shard_count == shard)
-    )
+    if not shard_count:
+        return sum(rows_per_shard(dataset_url, split=split, shard_count=1))
+    return rows_per_shard(dataset_url, split=split, shard_count=shard_count)[shard]
+
+
+def rows_per_shard(dataset_url: str, *, split: str, shard_count: int) -> list[int]:
+    """The rows of ``split`` in each of petastorm's ``shard_count`` shards (row group ``i`` goes to ``i % n``)."""
+    counts = [0] * shard_count
+    for i, (group_split, count) in enumerate(_row_groups(dataset_url)):
+        if group_split == split:
+            counts[i % shard_count] += count
+    return counts
 
 
 def row_groups_per_split(dataset_url: str) -> dict[str, int]:

@@ -78,22 +78,30 @@ class Storage:
         (s3a, gs) rename is a copy, but readers still never see a half-written new output.
         """
         base = url.rstrip("/")
-        token = uuid.uuid4().hex[:12]
-        tmp, old = f"{base}.petseg-tmp-{token}", f"{base}.petseg-old-{token}"
+        tmp = f"{base}.petseg-tmp-{uuid.uuid4().hex[:12]}"
         try:
             yield tmp
+            self.replace(tmp, base)
         except BaseException:
             self.delete(tmp)
             raise
+
+    def replace(self, src: str, dst: str) -> None:
+        """Move the folder ``src`` to ``dst``, replacing what ``dst`` holds.
+
+        On failure both stay as they were. The old output is renamed aside first and deleted last,
+        so a reader sees the old folder or the new one (or, between two renames, none), never a mix.
+        """
+        base = dst.rstrip("/")
+        old = f"{base}.petseg-old-{uuid.uuid4().hex[:12]}"
         had_old = self.exists(base)
         if had_old:
             self.rename(base, old)
         try:
-            self.rename(tmp, base)
+            self.rename(src, base)
         except BaseException:
             if had_old:
                 self.rename(old, base)
-            self.delete(tmp)
             raise
         if had_old:
             self.delete(old)

@@ -113,7 +113,30 @@ def _classes() -> dict[str, type]:
                 "final_fraction": self.final_fraction,
             }
 
-    return {"SegmentationLoss": SegmentationLoss, "WarmupCosineDecay": WarmupCosineDecay}
+    def per_pixel(sample_weight: Any, y_true: Any) -> Any:
+        # Validation weighs whole images (shape (N,); padding images weigh 0). Keras's IoU wants a
+        # weight per pixel, and accuracy would broadcast an (N,) weight along the width axis.
+        if sample_weight is None:
+            return None
+        weight = tf.reshape(tf.cast(sample_weight, tf.float32), [-1] + [1] * (y_true.shape.rank - 1))
+        return tf.broadcast_to(weight, tf.shape(y_true))
+
+    @keras.utils.register_keras_serializable(package="petseg")
+    class PixelAccuracy(keras.metrics.SparseCategoricalAccuracy):
+        """Pixel accuracy from logits; a weight per image counts for each of its pixels."""
+
+        def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+            return super().update_state(y_true, y_pred, sample_weight=per_pixel(sample_weight, y_true))
+
+    @keras.utils.register_keras_serializable(package="petseg")
+    class PixelIoU(keras.metrics.IoU):
+        """IoU over ``target_class_ids`` from logits; a weight per image counts for each of its pixels."""
+
+        def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+            return super().update_state(y_true, y_pred, sample_weight=per_pixel(sample_weight, y_true))
+
+    return {"SegmentationLoss": SegmentationLoss, "WarmupCosineDecay": WarmupCosineDecay,
+            "PixelAccuracy": PixelAccuracy, "PixelIoU": PixelIoU}
 
 
 def custom_objects() -> dict[str, type]:
@@ -178,7 +201,8 @@ def segmentation_metrics(
     list of tf.keras.metrics.Metric
         ``pixel_accuracy``, ``mean_iou``, then ``iou_<name>`` for every class. IoU metrics take the
         argmax of the logits (``sparse_y_pred=False``) and accumulate a confusion matrix over the
-        epoch, so they are exact dataset IoUs rather than means of batch IoUs.
+        epoch, so they are exact dataset IoUs rather than means of batch IoUs. A sample weight of
+        shape ``(N,)`` weighs each image's pixels (validation gives padding images weight 0).
 
     Raises
     ------
@@ -190,15 +214,13 @@ def segmentation_metrics(
             f"class_names={tuple(class_names)!r} has {len(class_names)} names for n_classes={n_classes}; "
             f"give one name per class"
         )
-    keras = keras_module()
+    classes = _classes()
+    iou = functools.partial(classes["PixelIoU"], num_classes=n_classes, sparse_y_pred=False)
     metrics: list[Any] = [
-        keras.metrics.SparseCategoricalAccuracy(name="pixel_accuracy"),
-        keras.metrics.MeanIoU(num_classes=n_classes, sparse_y_pred=False, name="mean_iou"),
+        classes["PixelAccuracy"](name="pixel_accuracy"),
+        iou(target_class_ids=list(range(n_classes)), name="mean_iou"),
     ]
-    metrics += [
-        keras.metrics.IoU(num_classes=n_classes, target_class_ids=[k], sparse_y_pred=False, name=f"iou_{name}")
-        for k, name in enumerate(class_names)
-    ]
+    metrics += [iou(target_class_ids=[k], name=f"iou_{name}") for k, name in enumerate(class_names)]
     return metrics
 
 

@@ -43,6 +43,42 @@ def make_dataset(
     if training:
         ds = ds.shuffle(shuffle_buffer, seed=seed).map(lambda i, m: random_flip(i, m, seed=seed), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.map(lambda i, m: (preprocess(i, preprocessing), tf.cast(m, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
+    return _batched(ds, batch_size)
+
+
+def make_validation_dataset(
+    reader: SplitReader, *, batch_size: int, preprocessing: str, steps: int, weight: float
+) -> "tf.data.Dataset":
+    """Exactly ``steps`` batches of ``(image, mask, weight)`` per iteration: one epoch of the shard, each row once.
+
+    Keras's ``evaluate`` iterates its validation data anew at every epoch and stops after
+    ``validation_steps``; with workers whose shards differ in size, any fixed step count over
+    endless shards scores some rows twice and others never. Here every iteration reads the
+    reader's next epoch (each row with ``weight``) and fills the last batches with blank images of
+    weight 0, so all workers take the same ``steps`` and every test row counts exactly once.
+    """
+    import tensorflow as tf
+
+    from petseg.data.reader import make_tf_dataset
+    from petseg.model.preprocessing import preprocess
+
+    padding = steps * batch_size - reader.rows_per_epoch
+    if padding < 0:
+        raise ValueError(f"steps={steps} x batch_size={batch_size} cannot hold the shard's {reader.rows_per_epoch} rows; "
+                         "use at least ceil(rows / batch_size) steps")
+    ds = make_tf_dataset(reader, epoch_per_iteration=True).map(lambda i, m: (i, m, tf.constant(weight, tf.float32)))
+    if padding:
+        blank = (tf.zeros(reader.schema.fields["image"].shape, tf.uint8),
+                 tf.zeros(reader.schema.fields["mask"].shape, tf.uint8), tf.constant(0.0, tf.float32))
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
+    ds = ds.map(lambda i, m, w: (preprocess(i, preprocessing), tf.cast(m, tf.int32), w),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    return _batched(ds, batch_size)
+
+
+def _batched(ds: "tf.data.Dataset", batch_size: int) -> "tf.data.Dataset":
+    import tensorflow as tf
+
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     # Petastorm already gave this worker its own row groups; TF must not shard again.
