@@ -2,19 +2,26 @@
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
+from conftest import load_job_config
 
 from petseg import config
 from petseg.config import ConfigError
-from petseg.data.reader import row_groups_per_split
+from petseg.data.reader import row_groups_per_split, rows_per_shard
+from petseg.errors import InputError
+from petseg.evaluate import run_evaluate
 from petseg.ingest.convert import run_ingest
 from petseg.model import artifact
-from petseg.train import TrainError, run_train
+from petseg.train import TrainError, TrainStopped, run_train
 
 TINY = ["data.image_size=32", "model.n_depth=2", "model.encoder_weights=none", "train.batch_size=8",
         "train.epochs=2", "train.preview_images=2", "train.learning_rate=0.002"]
@@ -25,13 +32,16 @@ def train_config(tmp_path: Path, dataset: str, *extra: str) -> config.Config:
                        job="train")
 
 
-@pytest.fixture(scope="module")
-def tiny_dataset(spark, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train-data") / "pets"
-    data = config.load(overrides=["data.source=synthetic", f"data.dataset={out}", "data.synthetic_count=40",
-                                  "data.image_size=32", "data.min_row_groups_per_split=2"]).data
+def synthetic_dataset(spark, folder: Path, *, count: int, row_groups: int) -> str:
+    data = config.load(overrides=["data.source=synthetic", f"data.dataset={folder / 'pets'}", f"data.synthetic_count={count}",
+                                  "data.image_size=32", f"data.min_row_groups_per_split={row_groups}"]).data
     run_ingest(spark, data=data)
     return data.dataset
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(spark, tmp_path_factory):
+    return synthetic_dataset(spark, tmp_path_factory.mktemp("train-data"), count=40, row_groups=2)
 
 
 @pytest.mark.parametrize(
@@ -72,17 +82,149 @@ def test_train_on_executors_streams_progress_and_writes_outputs(spark, tiny_data
     assert (run / "model" / "saved_model.pb").exists()
 
 
+def epochs_recorded(folder: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (folder / "history.jsonl").read_text().splitlines()]
+
+
 def test_stop_and_resume_continues_at_the_next_epoch(spark, tiny_dataset, tmp_path):
     first = train_config(tmp_path, tiny_dataset, "train.local_mode=true", "train.stop_after_epoch=1")
-    with pytest.raises(RuntimeError, match="stopped after epoch 1 as configured"):
+    with pytest.raises(TrainStopped, match="stopped after epoch 1 as configured.*re-run without train.stop_after_epoch"):
         run_train(spark, cfg=first)
-    assert [json.loads(l)["epoch"] for l in (tmp_path / "run" / "history.jsonl").read_text().splitlines()] == [1]
-    assert not (tmp_path / "run" / "model").exists()
+    partial = tmp_path / "run.petseg-partial"
+    assert epochs_recorded(partial) == [1] and not (tmp_path / "run").exists()  # nothing published yet
     resumed = run_train(spark, cfg=train_config(tmp_path, tiny_dataset, "train.local_mode=true"))
     messages = [r["message"] for r in resumed.progress]
-    assert "resuming from the backup at epoch 2" in messages
+    assert "resuming from the backup at epoch 2" in messages and resumed.note.startswith("resuming the unfinished run")
     assert not any(m.startswith("epoch 1/2") for m in messages)  # epoch 1 was not trained again
     assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert not partial.exists() and artifact.resolve(str(tmp_path / "run")).version == resumed.run_id
+
+
+def test_a_rerun_into_the_same_folder_reports_only_its_own_epochs(spark, tiny_dataset, tmp_path):
+    """A shorter run after a longer one into one folder (every scheduled Databricks run) is its own run."""
+    longer = run_train(spark, cfg=train_config(tmp_path, tiny_dataset, "train.local_mode=true"))
+    assert [h["epoch"] for h in longer.history] == [1, 2]
+    # Stopped, then re-run with another config: the unfinished run is discarded, not resumed.
+    with pytest.raises(TrainStopped):
+        run_train(spark, cfg=train_config(tmp_path, tiny_dataset, "train.local_mode=true", "train.epochs=3",
+                                          "train.stop_after_epoch=1"))
+    assert artifact.resolve(str(tmp_path / "run")).version == longer.run_id  # the finished run is untouched
+    shorter = run_train(spark, cfg=train_config(tmp_path, tiny_dataset, "train.local_mode=true", "train.epochs=1"))
+    assert shorter.note.startswith("discarded the unfinished run") and "train.epochs: 3 -> 1" in shorter.note
+    assert [h["epoch"] for h in shorter.history] == [1]
+    run = tmp_path / "run"
+    meta = artifact.resolve(str(run)).metadata
+    assert meta["run_id"] == shorter.run_id != longer.run_id
+    assert meta["final_metrics"] == shorter.history[-1] == json.loads((run / "history.json").read_text())[-1]
+    assert epochs_recorded(run) == [1] and not (tmp_path / "run.petseg-partial").exists()
+    # A folder that is not a petseg run is never replaced.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    cfg = config.load(overrides=[f"data.dataset={tiny_dataset}", f"train.output_dir={tmp_path / 'mine'}", *TINY,
+                                 "train.local_mode=true"], job="train")
+    with pytest.raises(InputError, match="holds no petseg run.*use a new or empty folder"):
+        run_train(spark, cfg=cfg)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.fixture(scope="module")
+def uneven_dataset(spark, tmp_path_factory):
+    """10 test rows in row groups of 2, 3, 2 and 3: two workers' test shards hold 4 and 6 rows."""
+    dataset = synthetic_dataset(spark, tmp_path_factory.mktemp("uneven-data"), count=50, row_groups=3)
+    assert rows_per_shard(dataset, split="test", shard_count=2) == [4, 6]
+    return dataset
+
+
+def test_validation_scores_every_test_row_once_and_equals_evaluate(spark, uneven_dataset, tmp_path):
+    """Two workers with unequal test shards: the last validation is the evaluation job's, figure for figure."""
+    result = run_train(spark, cfg=train_config(tmp_path, uneven_dataset, "train.num_slots=2", "train.preview_images=0"))
+    assert result.workers == 2
+    evaluation = run_evaluate(spark, evaluate=load_job_config(
+        "evaluate", f"evaluate.model={tmp_path / 'run'}", f"evaluate.dataset={uneven_dataset}",
+        f"evaluate.output={tmp_path / 'eval'}", "evaluate.preview_images=0", "evaluate.batch_size=4").evaluate)
+    assert evaluation.images == 10
+    final, measured = result.final_metrics, evaluation.metrics
+    assert final["val_pixel_accuracy"] == pytest.approx(measured.pixel_accuracy, abs=1e-4)
+    assert final["val_mean_iou"] == pytest.approx(measured.mean_iou, abs=1e-4)
+    for name, iou in measured.iou.items():
+        assert final[f"val_iou_{name}"] == pytest.approx(iou or 0.0, abs=1e-4), name
+
+
+def training_processes() -> dict[int, int]:
+    """pid -> rank of every training process petseg's tasks started on this machine."""
+    found = {}
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+            job = re.search(rb"from petseg.train.loop import main; main\('([^']+)'\)", b" ".join(args))
+            if job:
+                found[int(cmdline.parent.name)] = json.loads(Path(job.group(1).decode()).read_text())["rank"]
+        except (OSError, ValueError):
+            continue  # the process ended while we looked
+    return found
+
+
+def latest_backup(partial: Path) -> str:
+    """The checkpoint BackupAndRestore last finished writing (its manager writes this file last)."""
+    try:
+        return (partial / "backup" / "chief" / "checkpoint").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def kill_worker_1_at_the_next_backup(partial: Path) -> list[int]:
+    """Start a thread that SIGKILLs worker 1's training process once a new epoch backup is written."""
+    killed: list[int] = []
+    before = latest_backup(partial)
+
+    def watch() -> None:
+        deadline = time.monotonic() + 600
+        while not killed and time.monotonic() < deadline:
+            if latest_backup(partial) not in ("", before):
+                for pid, rank in training_processes().items():
+                    if rank == 1:
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+            time.sleep(0.1)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return killed
+
+
+def test_a_killed_worker_leaves_no_process_and_restarts_resume_from_the_backup(spark, uneven_dataset, tmp_path):
+    partial = tmp_path / "run.petseg-partial"
+    cfg = train_config(tmp_path, uneven_dataset, "train.num_slots=2", "train.epochs=3", "train.preview_images=0")
+    # Without restarts the run fails, and the other worker's process ends with its task, at once.
+    killed = kill_worker_1_at_the_next_backup(partial)
+    with pytest.raises(Exception, match="training worker 1 of 2 exited with code -9"):
+        run_train(spark, cfg=cfg)
+    assert killed, "the test never found worker 1's training process"
+    deadline = time.monotonic() + 20
+    while training_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert training_processes() == {}, "a training process outlived its task"
+    # With a restart allowed, the same run resumes from its backup, survives a second kill and finishes.
+    killed = kill_worker_1_at_the_next_backup(partial)
+    restarted = config.load(overrides=[f"data.dataset={uneven_dataset}", f"train.output_dir={tmp_path / 'run'}", *TINY,
+                                       "train.num_slots=2", "train.epochs=3", "train.preview_images=0",
+                                       "train.max_restarts=1"], job="train")
+    result = run_train(spark, cfg=restarted)
+    assert killed and result.note.startswith("resuming the unfinished run")
+    messages = [r["message"] for r in result.progress]
+    assert [m for m in messages if m.startswith("resuming from the backup")] == [
+        "resuming from the backup at epoch 2", "resuming from the backup at epoch 3"], messages
+    assert [m.split()[1] for m in messages if m.startswith("epoch ")] == ["2/3", "3/3"]  # each epoch trained once
+    assert [h["epoch"] for h in result.history] == [1, 2, 3] and epochs_recorded(tmp_path / "run") == [1, 2, 3]
+    assert training_processes() == {}
+
+
+def test_stop_after_epoch_holds_on_executors_with_restarts(spark, tiny_dataset, tmp_path):
+    """A stop is not a failure to retry: with restarts allowed the run still ends after the epoch."""
+    with pytest.raises(TrainStopped, match="stopped after epoch 1"):
+        run_train(spark, cfg=train_config(tmp_path, tiny_dataset, "train.num_slots=1", "train.max_restarts=2",
+                                          "train.stop_after_epoch=1", "train.preview_images=0"))
+    assert epochs_recorded(tmp_path / "run.petseg-partial") == [1]
+    assert training_processes() == {}
 
 
 def test_too_few_row_groups_and_missing_gpu_confs_fail_with_the_fix(spark, tiny_dataset, tmp_path):
@@ -178,9 +320,10 @@ def test_demo_learns(tmp_path):
     assert "train: 20 epochs on 2 worker(s)" in done.stdout
     assert "infer: 400 rows, segmented 400, failed 0" in done.stdout
     # The evaluation job measures the exported model over the whole test split, as training's
-    # last validation pass did (on the same pixels, so the two agree closely).
+    # last validation pass did: the same pixels, the same model, the same figures.
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
-    assert abs(metrics["pixel_accuracy"] - final["val_pixel_accuracy"]) < 0.02, (metrics, final)
+    assert metrics["pixel_accuracy"] == pytest.approx(final["val_pixel_accuracy"], abs=1e-4), (metrics, final)
+    assert metrics["mean_iou"] == pytest.approx(final["val_mean_iou"], abs=1e-4), (metrics, final)
     assert "pixel accuracy" in done.stdout and (tmp_path / "eval" / "predictions.png").exists()
 
 

@@ -100,6 +100,7 @@ def _validate_train(cfg: Config) -> None:
     _require(t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, "a number >= 0")
     _require(t.shuffle_buffer >= 1, "train.shuffle_buffer", t.shuffle_buffer, "an integer >= 1")
     _require(t.preview_images >= 0, "train.preview_images", t.preview_images, "an integer >= 0")
+    _require(t.max_restarts >= 0, "train.max_restarts", t.max_restarts, "an integer >= 0 (0: no restarts by petseg)")
     workers = 1 if t.local_mode else t.num_slots
     _require(
         t.batch_size >= workers and t.batch_size % workers == 0,

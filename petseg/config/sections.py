@@ -94,6 +94,7 @@ class TrainConfig:
     shuffle_buffer: int = MISSING
     preview_images: int = MISSING
     stop_after_epoch: Optional[int] = MISSING
+    max_restarts: int = MISSING
 
 
 @dataclass

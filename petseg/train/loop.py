@@ -24,7 +24,11 @@ PROGRESS_PREFIX = "petseg-progress "
 
 
 class StoppedAfterEpoch(RuntimeError):
-    """Raised by train.stop_after_epoch, after the epoch's backup is written, to simulate a failure."""
+    """Raised by train.stop_after_epoch after the epoch's backup is written; the run resumes from it."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(f"stopped after epoch {epoch} as configured (train.stop_after_epoch)")
+        self.epoch = epoch
 
 
 def local_path(url: str) -> Path:
@@ -50,7 +54,12 @@ def main(job_file: str) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="petastorm")
     warnings.filterwarnings("ignore", message="Tensorflow will convert all unicode strings", category=UnicodeWarning)
     spec = json.loads(Path(job_file).read_text())
-    result = train(spec)
+    try:
+        result = train(spec)
+    except StoppedAfterEpoch as stop:
+        # A clean exit, not a failure: a failed task would make Spark retry the stage, and the retry
+        # would resume from the backup and train past the stop.
+        result = {"rank": spec["rank"], "stopped_after_epoch": stop.epoch}
     Path(spec["result_file"]).write_text(json.dumps(result))
 
 
@@ -58,7 +67,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
     """Train on this worker's shard; return the history and, on the chief, the output paths."""
     import tensorflow as tf
 
-    from petseg.data.reader import open_split
+    from petseg.data.reader import open_split, rows_per_shard
     from petseg.model import (
         artifact,
         build_unet,
@@ -68,13 +77,14 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         segmentation_loss,
         segmentation_metrics,
     )
-    from petseg.train.feed import make_dataset
+    from petseg.train.feed import make_dataset, make_validation_dataset
 
     keras_module()  # Keras 3 fails under MultiWorkerMirroredStrategy: insist on tf-keras
     data, model_cfg, train_cfg = spec["config"]["data"], spec["config"]["model"], spec["config"]["train"]
     rank, workers = spec["rank"], spec["workers"]
     chief = rank == 0
-    output_dir = local_path(train_cfg["output_dir"])
+    # The run's working folder, chosen by the driver (petseg.train.rundir); published when the run ends.
+    output_dir = local_path(spec["work_dir"])
     output_dir.mkdir(parents=True, exist_ok=True)
 
     tf.keras.utils.set_random_seed(train_cfg["seed"])
@@ -83,8 +93,13 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
 
     global_batch = train_cfg["batch_size"]
+    worker_batch = global_batch // workers
     steps_per_epoch = max(1, spec["train_rows"] // global_batch)
-    validation_steps = max(1, spec["test_rows"] // global_batch)
+    # Validation scores every test row once: as many steps as the largest shard needs, the others
+    # padded with weight-0 images. Real rows weigh (slots / rows), so that Keras's mean loss over all
+    # slots, padding included, is the mean over the real rows; ratios (accuracy, IoU) are unchanged.
+    validation_steps = max(1, -(-max(rows_per_shard(data["dataset"], split="test", shard_count=workers)) // worker_batch))
+    validation_weight = validation_steps * global_batch / spec["test_rows"]
     preprocessing = preprocessing_for(model_cfg["encoder_weights"])
     seed = train_cfg["seed"] + rank
     with open_split(data["dataset"], split="train", fields=("id",), shard=rank, shard_count=workers, workers_count=1) as r:
@@ -100,15 +115,21 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
             open_split(data["dataset"], split="test", fields=("image", "mask"), shard=rank, shard_count=workers,
                        num_epochs=None, shuffle=False) as val_reader:
 
-        def pipeline(reader, training: bool):
+        def pipeline(make):
             def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
                 # One input pipeline per worker, and it is this worker's Petastorm shard.
                 assert ctx.num_input_pipelines == workers and ctx.input_pipeline_id == rank, (ctx.input_pipeline_id, rank)
-                return make_dataset(reader, batch_size=ctx.get_per_replica_batch_size(global_batch),
-                                    preprocessing=preprocessing, training=training,
-                                    shuffle_buffer=train_cfg["shuffle_buffer"], seed=seed)
+                assert ctx.get_per_replica_batch_size(global_batch) == worker_batch
+                return make()
 
             return strategy.distribute_datasets_from_function(dataset_fn)
+
+        training_data = pipeline(lambda: make_dataset(
+            train_reader, batch_size=worker_batch, preprocessing=preprocessing, training=True,
+            shuffle_buffer=train_cfg["shuffle_buffer"], seed=seed))
+        validation_data = pipeline(lambda: make_validation_dataset(
+            val_reader, batch_size=worker_batch, preprocessing=preprocessing, steps=validation_steps,
+            weight=validation_weight))
 
         with strategy.scope():
             model = build_unet(
@@ -126,7 +147,8 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
                     total_steps=train_cfg["epochs"] * steps_per_epoch,
                 ),
                 loss=segmentation_loss(dice_weight=model_cfg["dice_weight"]),
-                metrics=segmentation_metrics(),
+                # Weighted: validation feeds weight-0 padding images (see make_validation_dataset).
+                weighted_metrics=segmentation_metrics(),
                 jit_compile=model_cfg["jit_compile"],
             )
 
@@ -137,10 +159,10 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
                                stop_after_epoch=train_cfg.get("stop_after_epoch"))
         start = time.perf_counter()
         model.fit(
-            pipeline(train_reader, True),
+            training_data,
             epochs=train_cfg["epochs"],
             steps_per_epoch=steps_per_epoch,
-            validation_data=pipeline(val_reader, False),
+            validation_data=validation_data,
             validation_steps=validation_steps,
             callbacks=callbacks,
             verbose=0,
@@ -169,14 +191,16 @@ def _tristate(value: str) -> str | bool:
 
 
 def _read_history(path: Path) -> list[dict[str, Any]]:
-    """Epoch records, the last one per epoch (a resumed run may repeat an epoch that had not finished)."""
+    """This run's epoch records, one per epoch, in order."""
     if not path.exists():
         return []
-    by_epoch = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        by_epoch[record["epoch"]] = record
-    return [by_epoch[e] for e in sorted(by_epoch)]
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def _truncate_history(path: Path, *, epochs: int) -> None:
+    """Keep the records of epochs 1..``epochs``, the ones a resumed run restored from its backup."""
+    kept = [line for line in _read_history(path) if line["epoch"] <= epochs]
+    path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
 
 def _callbacks(*, chief: bool, epochs: int, history_file: Path, stop_after_epoch: int | None) -> list:
@@ -196,8 +220,12 @@ def _callbacks(*, chief: bool, epochs: int, history_file: Path, stop_after_epoch
 
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
             self._started = time.perf_counter()
-            if self._first and chief and epoch > 0:
-                progress(f"resuming from the backup at epoch {epoch + 1}", epoch=epoch + 1)
+            if self._first and chief:
+                # Keep the records of the epochs the backup holds, and only those: an epoch recorded
+                # by a worker that died before its backup was written is trained, and recorded, again.
+                _truncate_history(history_file, epochs=epoch)
+                if epoch > 0:
+                    progress(f"resuming from the backup at epoch {epoch + 1}", epoch=epoch + 1)
             self._first = False
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -211,16 +239,33 @@ def _callbacks(*, chief: bool, epochs: int, history_file: Path, stop_after_epoch
             shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
             progress(f"epoch {epoch + 1}/{epochs} {shown}", **record)
 
+    class ShareMovingStatistics(tf.keras.callbacks.Callback):
+        """Give every worker the same BatchNormalization statistics before each validation.
+
+        Under MultiWorkerMirroredStrategy each replica keeps its own moving mean and variance (ON_READ
+        variables, read as their mean across replicas). Each worker would validate with its own
+        copy while the saved model holds the mean; this assigns the mean to every copy, so
+        validation scores the model that is saved, and ``petseg evaluate`` finds the same figures.
+        """
+
+        def on_test_begin(self, logs: dict | None = None) -> None:
+            for layer in self.model.submodules:
+                if isinstance(layer, tf.keras.layers.BatchNormalization):
+                    for statistic in (layer.moving_mean, layer.moving_variance):
+                        statistic.assign(statistic.read_value())  # the read is a collective mean
+
     class StopAfterEpoch(tf.keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            if epoch >= stop_after_epoch:  # resumed from a backup at or past the stop: train nothing
+                raise StoppedAfterEpoch(epoch)
+
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             if epoch + 1 == stop_after_epoch:
-                raise StoppedAfterEpoch(
-                    f"stopped after epoch {stop_after_epoch} as configured (train.stop_after_epoch); "
-                    "re-run to resume from the backup"
-                )
+                raise StoppedAfterEpoch(epoch + 1)
 
-    # Order matters: the backup of an epoch is written before StopAfterEpoch can end the run.
-    callbacks = [tf.keras.callbacks.BackupAndRestore(backup_dir=str(history_file.parent / "backup")), EpochReporter()]
+    # Order matters: an epoch is recorded, then backed up, then StopAfterEpoch may end the run.
+    callbacks = [ShareMovingStatistics(), EpochReporter(),
+                 tf.keras.callbacks.BackupAndRestore(backup_dir=str(history_file.parent / "backup"))]
     if stop_after_epoch:
         callbacks.append(StopAfterEpoch())
     return callbacks

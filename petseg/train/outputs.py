@@ -20,6 +20,7 @@ def write_outputs(*, output_dir: Path, spec: dict[str, Any], history: list[dict[
             output_dir,
             image_size=data["image_size"],
             preprocessing=preprocessing,
+            run_id=spec["run_id"],
             mlflow_run_id=spec.get("mlflow_run_id"),
             model=model_cfg,
             dataset=data["dataset"],

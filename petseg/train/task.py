@@ -9,7 +9,10 @@ TorchDistributor launches torchrun the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,15 +38,23 @@ def train_task(*, spec: dict[str, Any], progress_address: tuple[str, int] | None
         code = f"from petseg.train.loop import main; main({str(job_file)!r})"
         client = ProgressClient(progress_address)
         tail: deque[str] = deque(maxlen=40)
+        # A session of its own, so that ending it ends everything it started; and it dies with this
+        # task's process, which Spark kills outright (SIGKILL) when it cancels a barrier stage.
         with subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=env.training_process_environment()) as proc:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                line = line.rstrip("\n")
-                tail.append(line)
-                print(f"[petseg worker {rank}] {line}", file=sys.stderr, flush=True)  # the executor's log
-                if line.startswith(PROGRESS_PREFIX):
-                    client.send(line[len(PROGRESS_PREFIX):])
+                              text=True, env=env.training_process_environment(), start_new_session=True,
+                              preexec_fn=_die_with_parent) as proc:
+            try:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    line = line.rstrip("\n")
+                    tail.append(line)
+                    print(f"[petseg worker {rank}] {line}", file=sys.stderr, flush=True)  # the executor's log
+                    if line.startswith(PROGRESS_PREFIX):
+                        client.send(line[len(PROGRESS_PREFIX):])
+            finally:
+                # However the task ends (an error, Spark's interrupt), no training process outlives it
+                # to write backups beside a retry's.
+                _end_process_group(proc)
         client.close()
         if proc.returncode != 0:
             raise RuntimeError(
@@ -51,6 +62,31 @@ def train_task(*, spec: dict[str, Any], progress_address: tuple[str, int] | None
                 + "\n".join(tail)
             )
         return json.loads(result_file.read_text())
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGKILL it when the task's process dies (prctl PR_SET_PDEATHSIG).
+
+    SIGKILL cannot be caught, so the task's ``finally`` never runs when Spark kills a Python worker;
+    this is the only way the child learns of it. A no-op elsewhere (macOS laptops run local masters).
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def _end_process_group(proc: subprocess.Popen, *, grace_seconds: float = 10.0) -> None:
+    """End the training process and all it started: SIGTERM if it still runs, then SIGKILL to what is left."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace_seconds)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # anything it started and left behind, or itself after the grace
+    proc.wait()
 
 
 def _rank_and_workers() -> tuple[int, int]:
