@@ -250,3 +250,33 @@ def test_listing_follows_hadoop_globs_and_spark_hidden_names(tmp_path):
     assert names(f"{root}/2024-*") == ["2024-01/e.jpg"]  # a matching folder brings its files
     assert names(f"{root}/[as]*/*.jpg") == ["sub/d.jpg"]
     assert list_files(f"{root}/a.jpg") == [f"{root}/a.jpg"] and list_files(f"{root}/missing") == []
+
+
+def _cli(spark, *args: str) -> int:
+    """``petseg <args>`` through :func:`petseg.cli.main` on the test session (spark.master is null, so
+    the active session is used and left running); the confs it applies are put back."""
+    from petseg.cli import main
+
+    saved = spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch")
+    try:
+        return main(list(args))
+    finally:
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", saved)
+
+
+def test_images_over_the_pixel_limit_become_error_rows(spark, run_dir, tmp_path):
+    from conftest import png_bomb
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "small.jpg").write_bytes(render.encode_jpeg(render.synthetic_pet(1, seed=3, size=(40, 30)).image))
+    (folder / "big.jpg").write_bytes(render.encode_jpeg(render.synthetic_pet(2, seed=3, size=(100, 80)).image))
+    (folder / "bomb.png").write_bytes(png_bomb(20_000, 10_000))  # Pillow's DecompressionBombError once failed the job
+    code = _cli(spark, "infer", f"infer.model={run_dir}", f"infer.input={folder}", f"infer.output={tmp_path / 'out'}",
+                "data.max_image_pixels=5000")
+    assert code == 0
+    out = {r["path"].rsplit("/", 1)[-1]: r for r in spark.read.parquet(str(tmp_path / "out")).collect()}
+    assert out["small.jpg"]["error"] is None and out["small.jpg"]["mask_png"]
+    assert out["big.jpg"]["error"].startswith("image_too_large: the image is 100x80 = 8000 pixels, over "
+                                              "data.max_image_pixels=5000")
+    assert out["bomb.png"]["error"].startswith("image_too_large: ") and out["bomb.png"]["mask_png"] is None

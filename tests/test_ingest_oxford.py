@@ -95,3 +95,30 @@ def test_nothing_valid_fails_after_writing_rejects_and_keeps_old_dataset(spark, 
     assert old.read_text() == "the previous dataset"
     assert spark.read.parquet(data.rejects).count() == 2
     assert not [p for p in tmp_path.iterdir() if "petseg-tmp" in p.name]
+
+
+def _add_listed_pair(root, stem: str, image: bytes, trimap: bytes) -> None:
+    (root / "images" / f"{stem}.jpg").write_bytes(image)
+    (root / "annotations" / "trimaps" / f"{stem}.png").write_bytes(trimap)
+    with open(root / "annotations" / "trainval.txt", "a") as f:
+        f.write(f"{stem} 1 1 1\n")
+
+
+def test_images_over_the_pixel_limit_are_rejected_not_fatal(spark, tmp_path):
+    from conftest import png_bomb
+
+    root = tmp_path / "large"
+    pets = render.write_oxford_layout(root, count=4, seed=5, size=(40, 30))  # 1,200 pixels each
+    big = render.synthetic_pet(9, seed=5, size=(100, 80))  # 8,000 pixels
+    _add_listed_pair(root, "Big_1", render.encode_jpeg(big.image), render.encode_png(big.trimap))
+    # A header claiming 200 MP over a few bytes: Pillow's own guard raises a plain Exception for it,
+    # which once failed the whole job.
+    _add_listed_pair(root, "Bomb_1", png_bomb(20_000, 10_000), render.encode_png(big.trimap))
+    data = data_config(source="oxford", input=str(root), dataset=str(tmp_path / "pets"), image_size=32,
+                       min_row_groups_per_split=1, max_image_pixels=5000)
+    report = run_ingest(spark, data=data)
+    assert report.rejected == {"image_too_large": 2} and sum(report.written.values()) == len(pets)
+    rejects = {r["id"]: r for r in spark.read.parquet(data.rejects).collect()}
+    assert rejects["Big_1"]["detail"].startswith("the image is 100x80 = 8000 pixels, over data.max_image_pixels=5000")
+    assert "200000000 pixels" in rejects["Bomb_1"]["detail"]
+

@@ -16,7 +16,7 @@ from pyspark.sql.functions import pandas_udf
 from pyspark.sql.types import BinaryType, DoubleType, IntegerType, StringType, StructField, StructType
 
 from petseg.config import InferConfig, MlflowConfig, to_dict
-from petseg.data.decode import CLASSES
+from petseg.data.decode import CLASSES, DEFAULT_MAX_IMAGE_PIXELS
 from petseg.errors import InputError, RejectedInput
 from petseg.io.fs import Storage
 from petseg.io.urls import is_table_name
@@ -58,14 +58,15 @@ def segment_udf(
     read_files: bool = False,
     threads: int | None = None,
     model_version: str | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ):
     """A pandas UDF (Iterator of (data, height, width) Series -> Iterator of DataFrame) that segments images.
 
     The model loads once per Python worker (:func:`petseg.model.artifact.load`); each Arrow batch
     (``spark.sql.execution.arrow.maxRecordsPerBatch`` rows) is predicted ``batch_size`` images at a
     time. ``data`` holds encoded images, or file URLs when ``read_files``; ``height``/``width``
-    (nullable) override the size the mask is returned at. A bad row gives a null mask and a
-    message in ``error``; the batch goes on.
+    (nullable) override the size the mask is returned at. A bad row (an image over
+    ``max_image_pixels`` among them) gives a null mask and a message in ``error``; the batch goes on.
     """
 
     @pandas_udf(SEGMENTATION_SCHEMA)  # type: ignore[call-overload]
@@ -86,7 +87,7 @@ def segment_udf(
             sizes = [
                 None if pd.isna(h) or pd.isna(w) else (int(h), int(w)) for h, w in zip(heights.tolist(), widths.tolist())
             ]
-            segs = segment_images(loaded, values, batch_size=batch_size, sizes=sizes)
+            segs = segment_images(loaded, values, batch_size=batch_size, sizes=sizes, max_pixels=max_image_pixels)
             segs = [failed.get(i, s) for i, s in enumerate(segs)]
             columns: dict[str, list] = {
                 "mask_png": [_png(s.mask) for s in segs],
@@ -116,6 +117,7 @@ def segment_column(
     read_files: bool = False,
     threads: int | None = None,
     model_version: str | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Column:
     """A struct column of :data:`SEGMENTATION_SCHEMA` segmenting an encoded-image column.
 
@@ -130,11 +132,13 @@ def segment_column(
     model_version
         The run the caller labels its rows with (:attr:`petseg.model.artifact.ModelArtifact.version`);
         executors fail rather than segment with another. None: whatever the folder holds.
+    max_image_pixels
+        Images larger than this (width x height) get an ``image_too_large`` error instead of a mask.
     """
     no_size = F.lit(None).cast("int")
     udf = segment_udf(
         model_uri, batch_size=batch_size, model_resolution=model_resolution, read_files=read_files, threads=threads,
-        model_version=model_version,
+        model_version=model_version, max_image_pixels=max_image_pixels,
     )
     return udf(
         F.col(column) if isinstance(column, str) else column,
@@ -170,7 +174,13 @@ class InferReport:
         return "\n".join(lines)
 
 
-def run_infer(spark: SparkSession, *, infer: InferConfig, tracking: MlflowConfig | None = None) -> InferReport:
+def run_infer(
+    spark: SparkSession,
+    *,
+    infer: InferConfig,
+    tracking: MlflowConfig | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> InferReport:
     """Segment every row of ``infer.input`` and write the masks to ``infer.output``.
 
     The output holds the input's key, ``mask_png`` at the original resolution, ``mask_model_png``
@@ -179,7 +189,8 @@ def run_infer(spark: SparkSession, *, infer: InferConfig, tracking: MlflowConfig
     ``saveAsTable``, overwriting. Bad rows are kept with an error; the counts come back.
 
     With ``tracking`` enabled, an MLflow run records the model version used, the input, the
-    output and the counts.
+    output and the counts. Images over ``max_image_pixels`` (``data.max_image_pixels``) become
+    ``image_too_large`` error rows.
 
     Raises
     ------
@@ -194,14 +205,16 @@ def run_infer(spark: SparkSession, *, infer: InferConfig, tracking: MlflowConfig
               "model_mlflow_run_id": model.mlflow_run_id}
     with tracked_run(tracking, name="petseg-infer", params=params,
                      tags={"petseg.job": "infer", "petseg.model_version": version}) as tracked:
-        report = _segment_and_write(spark, infer=infer, version=version, start=start)
+        report = _segment_and_write(spark, infer=infer, version=version, start=start, max_image_pixels=max_image_pixels)
         if tracked is not None:
             tracked.log_metrics({"rows": report.rows, "segmented": report.segmented,
                                  "failed": sum(report.failed.values()), "rows_per_s": report.rows / report.seconds})
     return report
 
 
-def _segment_and_write(spark: SparkSession, *, infer: InferConfig, version: str, start: float) -> InferReport:
+def _segment_and_write(
+    spark: SparkSession, *, infer: InferConfig, version: str, start: float, max_image_pixels: int
+) -> InferReport:
     from petseg.infer.inputs import load_image_table
 
     table = load_image_table(spark, infer=infer)
@@ -222,6 +235,7 @@ def _segment_and_write(spark: SparkSession, *, infer: InferConfig, version: str,
         read_files=table.reads_files,
         threads=threads,
         model_version=version,
+        max_image_pixels=max_image_pixels,
     )
     out = table.frame.select(F.col(table.key), segmentation.alias("s")).select(
         table.key,
