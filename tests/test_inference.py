@@ -280,3 +280,45 @@ def test_images_over_the_pixel_limit_become_error_rows(spark, run_dir, tmp_path)
     assert out["big.jpg"]["error"].startswith("image_too_large: the image is 100x80 = 8000 pixels, over "
                                               "data.max_image_pixels=5000")
     assert out["bomb.png"]["error"].startswith("image_too_large: ") and out["bomb.png"]["mask_png"] is None
+
+
+def test_a_mask_that_cannot_be_encoded_is_an_error_row(spark, run_dir, tmp_path):
+    import io
+
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "ok.jpg").write_bytes(render.encode_jpeg(render.synthetic_pet(1, seed=3, size=(40, 30)).image))
+    wide = io.BytesIO()
+    Image.new("RGB", (1_000_001, 1), (90, 120, 30)).save(wide, format="PNG")  # Pillow reads it; libpng won't write it
+    (folder / "wide.png").write_bytes(wide.getvalue())
+    infer, report = _infer(spark, f"infer.model={run_dir}", f"infer.input={folder}", f"infer.output={tmp_path / 'out'}")
+    assert report.segmented == 1 and report.failed == {"mask_unencodable": 1}
+    out = {r["path"].rsplit("/", 1)[-1]: r for r in spark.read.parquet(str(tmp_path / "out")).collect()}
+    assert out["wide.png"]["mask_png"] is None and out["wide.png"]["fraction_pet"] is None
+    assert out["wide.png"]["error"].startswith("mask_unencodable: the 1000001x1 mask could not be encoded as PNG")
+
+
+def test_inference_that_segments_nothing_fails_with_one_line(spark, run_dir, tmp_path, capsys):
+    from petseg.infer.job import NothingSegmentedError
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_bytes(b"not an image")
+    (bad / "b.jpg").write_bytes(b"")
+    with pytest.raises(NothingSegmentedError, match=r"none of the 2 rows of infer.input=.* was segmented \(failed: "
+                                                    r"\{.*'image_undecodable': 1.*\}\); the error column of .* says why"):
+        _infer(spark, f"infer.model={run_dir}", f"infer.input={bad}", f"infer.output={tmp_path / 'o1'}")
+    assert spark.read.parquet(str(tmp_path / "o1")).count() == 2  # written first, so the errors can be read
+    empty = tmp_path / "empty.parquet"
+    spark.createDataFrame([], "id string, image binary").write.parquet(str(empty))
+    with pytest.raises(NothingSegmentedError, match="holds no rows to segment"):
+        _infer(spark, f"infer.model={run_dir}", f"infer.input={empty}", f"infer.output={tmp_path / 'o2'}")
+    # Through the command line: a non-zero exit and one line naming the fix.
+    capsys.readouterr()
+    assert _cli(spark, "infer", f"infer.model={run_dir}", f"infer.input={bad}", f"infer.output={tmp_path / 'o3'}") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("petseg infer: none of the 2 rows of infer.input=") and "error column" in err[-1]
+    assert _cli(spark, "infer", f"infer.model={run_dir}", f"infer.input={empty}", f"infer.output={tmp_path / 'o4'}") == 1
+    assert "holds no rows to segment" in capsys.readouterr().err.strip().splitlines()[-1]

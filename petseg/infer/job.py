@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Tuple
+from typing import TYPE_CHECKING, Iterator, Tuple
 
 import cv2
 import numpy as np
@@ -23,6 +23,9 @@ from petseg.io.urls import is_table_name
 from petseg.model import artifact
 from petseg.session import task_cpus
 from petseg.tracking import flatten, tracked_run
+
+if TYPE_CHECKING:
+    from petseg.infer.segment import Segmentation
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +46,36 @@ SEGMENTATION_SCHEMA = StructType(
 )
 
 
-def _png(mask: np.ndarray | None) -> bytes | None:
-    if mask is None:
-        return None
-    ok, buf = cv2.imencode(".png", mask)
-    return buf.tobytes() if ok else None
+class NothingSegmentedError(InputError):
+    """The job segmented no row: the input was empty, or every row failed; the message says which."""
+
+
+def _png(mask: np.ndarray, what: str) -> bytes:
+    """``mask`` as an 8-bit PNG; a mask libpng cannot write (a side over its 1,000,000-pixel limit)
+    raises :class:`RejectedInput`, so that its row reports it rather than passing with no mask."""
+    try:
+        ok, buf = cv2.imencode(".png", mask)
+    except cv2.error as exc:  # OpenCV asserts on libpng's failure rather than returning ok=False
+        ok, buf = False, str(exc).strip().splitlines()[-1]
+    if not ok:
+        raise RejectedInput(
+            "mask_unencodable", f"the {mask.shape[1]}x{mask.shape[0]} {what} could not be encoded as PNG ({buf})"
+        )
+    return buf.tobytes()
+
+
+def _encoded_masks(seg: "Segmentation", *, model_resolution: bool) -> tuple[bytes | None, bytes | None, "Segmentation"]:
+    """(mask_png, mask_model_png, the segmentation), or no masks and an error segmentation when one
+    of them cannot be encoded."""
+    from petseg.infer.segment import Segmentation
+
+    if seg.mask is None:
+        return None, None, seg
+    try:
+        return (_png(seg.mask, "mask"), _png(seg.mask_model, "model-resolution mask") if model_resolution else None,
+                seg)
+    except RejectedInput as exc:
+        return None, None, Segmentation.rejected(exc)
 
 
 def segment_udf(
@@ -88,10 +116,11 @@ def segment_udf(
                 None if pd.isna(h) or pd.isna(w) else (int(h), int(w)) for h, w in zip(heights.tolist(), widths.tolist())
             ]
             segs = segment_images(loaded, values, batch_size=batch_size, sizes=sizes, max_pixels=max_image_pixels)
-            segs = [failed.get(i, s) for i, s in enumerate(segs)]
+            encoded = [_encoded_masks(failed.get(i, s), model_resolution=model_resolution) for i, s in enumerate(segs)]
+            segs = [s for _, _, s in encoded]
             columns: dict[str, list] = {
-                "mask_png": [_png(s.mask) for s in segs],
-                "mask_model_png": [_png(s.mask_model) if model_resolution else None for s in segs],
+                "mask_png": [png for png, _, _ in encoded],
+                "mask_model_png": [png for _, png, _ in encoded],
                 "height": [None if s.mask is None else s.mask.shape[0] for s in segs],
                 "width": [None if s.mask is None else s.mask.shape[1] for s in segs],
             }
@@ -197,6 +226,9 @@ def run_infer(
     InputError
         At once, before any Spark job, when the model is missing or not a petseg model, or the input
         is missing or lacks the image or key column.
+    NothingSegmentedError
+        After writing the output (so its errors can be read), when no row was segmented: the input
+        has no rows, or every row failed.
     """
     start = time.perf_counter()
     model = artifact.resolve(str(infer.model))  # fail before touching the input
@@ -273,6 +305,15 @@ def _segment_and_write(
         seconds=time.perf_counter() - start,
     )
     log.info("infer wrote %d rows to %s", report.rows, infer.output)
+    if not segmented:
+        if not report.rows:
+            raise NothingSegmentedError(
+                f"infer.input={report.input!r} holds no rows to segment; point it at a non-empty table or folder"
+            )
+        raise NothingSegmentedError(
+            f"none of the {report.rows} rows of infer.input={report.input!r} was segmented (failed: {failed}); "
+            f"the error column of {report.output} says why for each row: fix those inputs"
+        )
     return report
 
 
