@@ -23,7 +23,9 @@ from pyspark.sql.types import LongType, StringType, StructField, StructType
 from petseg.config import EvaluateConfig
 from petseg.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from petseg.data.schema import SPLIT
+from petseg.env import pin_task_gpus
 from petseg.errors import InputError, RejectedInput
+from petseg.infer.job import check_gpu_task_slots
 from petseg.io.fs import Storage
 from petseg.model import artifact
 from petseg.session import task_cpus
@@ -108,6 +110,7 @@ def _confusion_per_partition(
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from petseg.data.decode import decode_for_model, decode_label_mask, resize_mask
 
+        pin_task_gpus()  # before the load imports TensorFlow
         loaded = artifact.load(model_uri, threads=threads, version=version)
         total, images, failed = np.zeros((n_classes, n_classes), np.int64), 0, Counter()
         for batch in batches:
@@ -154,6 +157,7 @@ def run_evaluate(
     """
     start = time.perf_counter()
     model = artifact.resolve(str(evaluate.model))
+    check_gpu_task_slots(spark.sparkContext.getConf())  # each task's model on its own GPU, as in inference
     classes = model.classes
     dataset, split = str(evaluate.dataset), evaluate.split
     storage = Storage(spark)

@@ -17,6 +17,7 @@ from pyspark.sql.types import BinaryType, DoubleType, IntegerType, StringType, S
 
 from petseg.config import InferConfig, MlflowConfig, to_dict
 from petseg.data.decode import CLASSES, DEFAULT_MAX_IMAGE_PIXELS
+from petseg.env import pin_task_gpus
 from petseg.errors import InputError, RejectedInput
 from petseg.io.fs import Storage
 from petseg.io.urls import is_table_name
@@ -25,6 +26,8 @@ from petseg.session import task_cpus
 from petseg.tracking import flatten, tracked_run
 
 if TYPE_CHECKING:
+    from pyspark import SparkConf
+
     from petseg.infer.segment import Segmentation
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,34 @@ SEGMENTATION_SCHEMA = StructType(
         StructField("error", StringType(), True),
     ]
 )
+
+
+def check_gpu_task_slots(conf: "SparkConf") -> None:
+    """Refuse GPU scheduling under which a reused Python worker would be handed another task's GPU.
+
+    Each worker's TensorFlow is pinned to the GPUs of its first task (:func:`petseg.env.pin_task_gpus`)
+    and cannot move; Spark reuses workers and gives a task whichever of its executor's GPUs is free,
+    so an executor with several GPUs, each task taking some of them, needs fresh workers.
+
+    Raises
+    ------
+    GpuSchedulingError
+        Naming the confs and the two ways out.
+    """
+    executor = float(conf.get("spark.executor.resource.gpu.amount", "0"))
+    task = float(conf.get("spark.task.resource.gpu.amount", "0"))
+    reuse = conf.get("spark.python.worker.reuse", "true").strip().lower() == "true"
+    if task > 0 and executor > 1 and task < executor and reuse:
+        raise GpuSchedulingError(
+            f"spark.executor.resource.gpu.amount={conf.get('spark.executor.resource.gpu.amount')} with "
+            f"spark.task.resource.gpu.amount={conf.get('spark.task.resource.gpu.amount')} lets Spark give a reused "
+            "Python worker, whose TensorFlow is pinned to one GPU, a task on another; give each executor one GPU "
+            "(spark.executor.resource.gpu.amount=1, as many executors as GPUs) or set spark.python.worker.reuse=false"
+        )
+
+
+class GpuSchedulingError(InputError):
+    """Spark's GPU confs would put a task's model on another task's GPU."""
 
 
 class NothingSegmentedError(InputError):
@@ -90,7 +121,8 @@ def segment_udf(
 ):
     """A pandas UDF (Iterator of (data, height, width) Series -> Iterator of DataFrame) that segments images.
 
-    The model loads once per Python worker (:func:`petseg.model.artifact.load`); each Arrow batch
+    The model loads once per Python worker (:func:`petseg.model.artifact.load`), on the GPUs Spark
+    assigned to the worker's first task, if any (:func:`petseg.env.pin_task_gpus`); each Arrow batch
     (``spark.sql.execution.arrow.maxRecordsPerBatch`` rows) is predicted ``batch_size`` images at a
     time. ``data`` holds encoded images, or file URLs when ``read_files``; ``height``/``width``
     (nullable) override the size the mask is returned at. A bad row (an image over
@@ -102,6 +134,7 @@ def segment_udf(
         from petseg.infer.segment import Segmentation, segment_images
         from petseg.io.fs import read_file
 
+        pin_task_gpus()  # before the load imports TensorFlow
         loaded = artifact.load(model_uri, threads=threads, version=model_version)
         for data, heights, widths in batches:
             values = data.tolist()
@@ -224,14 +257,16 @@ def run_infer(
     Raises
     ------
     InputError
-        At once, before any Spark job, when the model is missing or not a petseg model, or the input
-        is missing or lacks the image or key column.
+        At once, before any Spark job, when the model is missing or not a petseg model, the input
+        is missing or lacks the image or key column, or the GPU confs would share GPUs between tasks
+        (:func:`check_gpu_task_slots`).
     NothingSegmentedError
         After writing the output (so its errors can be read), when no row was segmented: the input
         has no rows, or every row failed.
     """
     start = time.perf_counter()
     model = artifact.resolve(str(infer.model))  # fail before touching the input
+    check_gpu_task_slots(spark.sparkContext.getConf())
     version = model.version
     params = {**flatten({"infer": to_dict(infer)}), "model_version": version,
               "model_mlflow_run_id": model.mlflow_run_id}
