@@ -64,11 +64,12 @@ def _run_stages(spark: "SparkSession", job: str, cfg: config.Config) -> None:
     if job in ("infer", "demo"):
         from petseg.infer import run_infer
 
-        print(run_infer(spark, infer=cfg.infer, tracking=cfg.mlflow).format(), flush=True)
+        print(run_infer(spark, infer=cfg.infer, tracking=cfg.mlflow, max_image_pixels=cfg.data.max_image_pixels)
+              .format(), flush=True)
     if job in ("evaluate", "demo"):
         from petseg.evaluate import run_evaluate
 
-        print(run_evaluate(spark, evaluate=cfg.evaluate).format(), flush=True)
+        print(run_evaluate(spark, evaluate=cfg.evaluate, max_image_pixels=cfg.data.max_image_pixels).format(), flush=True)
 
 
 def run() -> None:

@@ -1,6 +1,8 @@
 """The evaluation job: how well a trained model segments a labelled split of an ingested dataset.
 
 Each task returns one confusion matrix, summed across executors; pixel accuracy and IoUs follow from it.
+A row that cannot be used (an image over ``data.max_image_pixels``, undecodable bytes) is counted by
+reason and left out of the matrix, as inference gives it an error row.
 """
 
 from __future__ import annotations
@@ -8,18 +10,22 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import LongType, StructField, StructType
+from pyspark.sql.types import LongType, StringType, StructField, StructType
 
 from petseg.config import EvaluateConfig
+from petseg.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from petseg.data.schema import SPLIT
-from petseg.errors import InputError
+from petseg.env import pin_task_gpus
+from petseg.errors import InputError, RejectedInput
+from petseg.infer.job import check_gpu_task_slots
 from petseg.io.fs import Storage
 from petseg.model import artifact
 from petseg.session import task_cpus
@@ -71,6 +77,7 @@ class EvaluationReport:
     metrics: Metrics
     output: str
     seconds: float
+    failed: dict[str, int] = field(default_factory=dict)  # reason -> rows left out of the metrics
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -79,6 +86,7 @@ class EvaluationReport:
         m = self.metrics
         lines = [
             f"evaluate: {self.images} {self.split} images, {self.pixels} pixels",
+            *[f"  failed  {reason:<28} {n:>8}" for reason, n in sorted(self.failed.items())],
             f"  model:   {self.model_uri} (version {self.model_version})",
             f"  {'class':<16} {'IoU':>7}",
         ]
@@ -94,40 +102,62 @@ def _confusion_columns(n_classes: int) -> list[str]:
 
 
 def _confusion_per_partition(
-    model_uri: str, *, version: str, batch_size: int, n_classes: int, threads: int
+    model_uri: str, *, version: str, batch_size: int, n_classes: int, threads: int, max_image_pixels: int
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """Per task: one row (reason null) with the images measured and their confusion matrix, and one
+    row per reason with the rows that could not be used."""
+
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from petseg.data.decode import decode_for_model, decode_label_mask, resize_mask
 
+        pin_task_gpus()  # before the load imports TensorFlow
         loaded = artifact.load(model_uri, threads=threads, version=version)
-        total, images = np.zeros((n_classes, n_classes), np.int64), 0
+        total, images, failed = np.zeros((n_classes, n_classes), np.int64), 0, Counter()
         for batch in batches:
-            pixels = np.stack([decode_for_model(b, size=loaded.image_size)[0] for b in batch["image"]])
-            masks = [decode_label_mask(b) for b in batch["mask"]]
-            for mask, labels in zip(masks, loaded.predict_labels(pixels, batch_size=batch_size)):
+            pixels, masks = [], []
+            for image, mask in zip(batch["image"], batch["mask"]):
+                try:
+                    decoded = decode_for_model(image, size=loaded.image_size, max_pixels=max_image_pixels)[0]
+                    labels = decode_label_mask(mask, max_pixels=max_image_pixels)
+                except RejectedInput as exc:
+                    failed[exc.reason] += 1
+                    continue
+                pixels.append(decoded)
+                masks.append(labels)
+            if not pixels:
+                continue
+            for mask, labels in zip(masks, loaded.predict_labels(np.stack(pixels), batch_size=batch_size)):
                 # Measured at the dataset's resolution, where its masks were made.
                 labels = labels if labels.shape == mask.shape else resize_mask(labels, mask.shape)
                 total += confusion_matrix(mask, labels, n_classes)
-            images += len(batch)
-        yield pd.DataFrame([[images, *total.ravel().tolist()]], columns=["images", *_confusion_columns(n_classes)])
+            images += len(pixels)
+        zeros = [0] * (n_classes * n_classes)
+        rows = [[None, images, *total.ravel().tolist()]] + [[reason, n, *zeros] for reason, n in failed.items()]
+        yield pd.DataFrame(rows, columns=["reason", "images", *_confusion_columns(n_classes)])
 
     return run
 
 
-def run_evaluate(spark: SparkSession, *, evaluate: EvaluateConfig) -> EvaluationReport:
+def run_evaluate(
+    spark: SparkSession, *, evaluate: EvaluateConfig, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> EvaluationReport:
     """Measure ``evaluate.model`` on the ``evaluate.split`` of an ingested dataset.
 
     Each task predicts its rows and returns one confusion matrix; Spark sums them (a partial sum per
     executor, then one on the driver). The report is written to ``<output>/metrics.json`` with, if
-    ``evaluate.preview_images`` > 0, a predictions grid in ``<output>/predictions.png``.
+    ``evaluate.preview_images`` > 0, a predictions grid in ``<output>/predictions.png``. Rows that
+    cannot be used (an image or mask over ``max_image_pixels``, undecodable bytes) are counted per
+    reason in ``failed`` and left out of the metrics.
 
     Raises
     ------
     InputError
-        When the model is missing or not a petseg model, or the dataset or split is missing or empty.
+        When the model is missing or not a petseg model, the dataset or split is missing or empty, or
+        no row of the split could be used.
     """
     start = time.perf_counter()
     model = artifact.resolve(str(evaluate.model))
+    check_gpu_task_slots(spark.sparkContext.getConf())  # each task's model on its own GPU, as in inference
     classes = model.classes
     dataset, split = str(evaluate.dataset), evaluate.split
     storage = Storage(spark)
@@ -139,17 +169,25 @@ def run_evaluate(spark: SparkSession, *, evaluate: EvaluateConfig) -> Evaluation
     rows = spark.read.parquet(dataset).where(F.col(SPLIT) == split).select("id", "image", "mask")
     threads = task_cpus(spark)
     columns = _confusion_columns(len(classes))
-    schema = StructType([StructField(name, LongType(), False) for name in ["images", *columns]])
+    schema = StructType([StructField("reason", StringType(), True)]
+                        + [StructField(name, LongType(), False) for name in ["images", *columns]])
     per_partition = rows.mapInPandas(
         _confusion_per_partition(str(evaluate.model), version=model.version, batch_size=evaluate.batch_size,
-                                 n_classes=len(classes), threads=threads),
+                                 n_classes=len(classes), threads=threads, max_image_pixels=max_image_pixels),
         schema,
     )
-    summed = per_partition.agg(*[F.sum(c).alias(c) for c in ["images", *columns]]).first()
-    images = int(summed["images"] or 0)
+    sums = {r["reason"]: r for r in per_partition.groupBy("reason").agg(
+        *[F.sum(c).alias(c) for c in ["images", *columns]]).collect()}
+    failed = {reason: int(r["images"]) for reason, r in sums.items() if reason is not None}
+    images = int(sums[None]["images"]) if None in sums else 0
     if not images:
+        if failed:
+            raise InputError(
+                f"no row of the {split} split of {dataset} could be evaluated (failed: {failed}); "
+                "see the reasons in the `petseg infer` error column of these rows, and re-ingest or raise the limit"
+            )
         raise InputError(f"the {split} split of {dataset} has no rows; re-run ingest or choose another evaluate.split")
-    confusion = np.array([int(summed[c]) for c in columns], np.int64).reshape(len(classes), len(classes))
+    confusion = np.array([int(sums[None][c]) for c in columns], np.int64).reshape(len(classes), len(classes))
     report = EvaluationReport(
         model_uri=str(evaluate.model),
         model_version=model.version,
@@ -160,8 +198,10 @@ def run_evaluate(spark: SparkSession, *, evaluate: EvaluateConfig) -> Evaluation
         metrics=Metrics.from_confusion(confusion, classes),
         output=str(evaluate.output),
         seconds=round(time.perf_counter() - start, 2),
+        failed=failed,
     )
-    preview = _preview(rows, evaluate, version=model.version) if evaluate.preview_images else None
+    preview = _preview(rows, evaluate, version=model.version, max_image_pixels=max_image_pixels) \
+        if evaluate.preview_images else None
     with storage.atomic_output(str(evaluate.output)) as tmp:
         storage.write_bytes(f"{tmp}/{METRICS_FILE}", report.to_json().encode())
         if preview is not None:
@@ -170,14 +210,23 @@ def run_evaluate(spark: SparkSession, *, evaluate: EvaluateConfig) -> Evaluation
     return report
 
 
-def _preview(rows: DataFrame, evaluate: EvaluateConfig, *, version: str) -> bytes:
-    """The predictions grid for the first ``preview_images`` rows, predicted on the driver."""
+def _preview(rows: DataFrame, evaluate: EvaluateConfig, *, version: str, max_image_pixels: int) -> bytes | None:
+    """The predictions grid for the usable rows among the first ``preview_images``, predicted on the
+    driver (None when none is usable)."""
     from petseg.data.decode import decode_for_model, decode_label_mask
     from petseg.plots import predictions_png
 
-    sample = rows.orderBy("id").limit(evaluate.preview_images).collect()
     loaded = artifact.load(str(evaluate.model), version=version)
-    images = np.stack([decode_for_model(r["image"], size=loaded.image_size)[0] for r in sample])
-    masks = np.stack([decode_label_mask(r["mask"]) for r in sample])
+    sample, images, masks = [], [], []
+    for r in rows.orderBy("id").limit(evaluate.preview_images).collect():
+        try:
+            image = decode_for_model(r["image"], size=loaded.image_size, max_pixels=max_image_pixels)[0]
+            mask = decode_label_mask(r["mask"], max_pixels=max_image_pixels)
+        except RejectedInput:
+            continue  # counted in the report already
+        sample, images, masks = sample + [r], images + [image], masks + [mask]
+    if not sample:
+        return None
+    images, masks = np.stack(images), np.stack(masks)
     predicted = loaded.predict_labels(images, batch_size=evaluate.batch_size)
     return predictions_png([r["id"] for r in sample], images, masks, predicted)

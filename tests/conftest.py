@@ -143,3 +143,16 @@ def exported_run(tmp_path_factory) -> Path:
 def load_job_config(job: str, *overrides: str) -> config.Config:
     """A validated config from base.yaml plus ``key=value`` overrides, checked for ``job``."""
     return config.load(overrides=list(overrides), job=job)
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` RGB pixels over a few bytes of data: what a
+    decompression bomb looks like to a decoder that trusts the header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b"")

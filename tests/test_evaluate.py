@@ -56,3 +56,26 @@ def test_job_errors(spark, exported_run, tmp_path):
                           f"evaluate.output={tmp_path / 'e'}")
     with pytest.raises(InputError, match="does not exist"):
         run_evaluate(spark, evaluate=cfg.evaluate)
+
+
+def test_rows_over_the_pixel_limit_are_counted_not_fatal(spark, exported_run, tmp_path):
+    """A labelled split whose images kept their original sizes (PNG), two of them over the limit."""
+    import pandas as pd
+
+    from petseg.data import decode, render
+
+    pets = [render.synthetic_pet(i, seed=2, size=size) for i, size in enumerate([(40, 30), (36, 32), (100, 80), (90, 70)])]
+    frame = pd.DataFrame({"id": [f"p{i}" for i in range(len(pets))],
+                          "image": [render.encode_png(p.image) for p in pets],
+                          "mask": [render.encode_png(decode.resize_mask(p.trimap - 1, 32)) for p in pets]})
+    (tmp_path / "pets" / "split=test").mkdir(parents=True)
+    frame.to_parquet(tmp_path / "pets" / "split=test" / "part-0.parquet")
+    cfg = load_job_config("evaluate", f"evaluate.model={exported_run}", f"evaluate.dataset={tmp_path / 'pets'}",
+                          f"evaluate.output={tmp_path / 'eval'}", "data.max_image_pixels=5000")
+    report = run_evaluate(spark, evaluate=cfg.evaluate, max_image_pixels=cfg.data.max_image_pixels)
+    assert report.images == 2 and report.failed == {"image_too_large": 2}
+    assert report.pixels == 2 * 32 * 32  # only the usable rows are measured
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["failed"] == {"image_too_large": 2}
+    assert "failed  image_too_large" in report.format()
+    with pytest.raises(InputError, match=r"no row of the test split .* could be evaluated \(failed: \{'image_too_large': 4\}\)"):
+        run_evaluate(spark, evaluate=cfg.evaluate, max_image_pixels=1000)

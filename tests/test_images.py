@@ -113,3 +113,25 @@ def test_synthetic_is_deterministic_and_has_three_classes():
     assert not np.array_equal(a.image, render.synthetic_pet(5, seed=3).image)
     splits = [render.split_for(i, test_fraction=0.25) for i in range(100)]
     assert splits.count("test") == 25
+
+
+def test_images_over_the_pixel_limit_are_refused_from_the_header(pet):
+    from conftest import png_bomb
+
+    data = render.encode_png(pet.image)  # 200x150 = 30,000 pixels
+    assert decode.decode_for_model(data, size=32, max_pixels=30_000)[1] == (150, 200)
+    with pytest.raises(RejectedInput, match=r"image_too_large: the image is 200x150 = 30000 pixels, over "
+                                            r"data.max_image_pixels=29999"):
+        decode.decode_for_model(data, size=32, max_pixels=29_999)
+    with pytest.raises(RejectedInput, match="mask_too_large"):
+        decode.decode_trimap(render.encode_png(pet.trimap), max_pixels=29_999)
+    # A header claiming 200 MP over a few bytes: refused by default, before Pillow inflates anything
+    # (Pillow's own DecompressionBombError is a plain Exception, outside the decode errors).
+    bomb = png_bomb(20_000, 10_000)
+    for decode_bomb in (lambda: decode.decode_for_model(bomb, size=32), lambda: decode.decode_rgb(bomb),
+                        lambda: decode.prepare_example(bomb, render.encode_png(pet.trimap), size=32)):
+        with pytest.raises(RejectedInput, match="image_too_large: .*200000000 pixels"):
+            decode_bomb()
+    with pytest.raises(RejectedInput, match="image_too_large: the image is 9000x8000 = 72000000 pixels, over "
+                                            "data.max_image_pixels=64000000"):
+        decode.decode_rgb(png_bomb(9_000, 8_000))  # under Pillow's limit, over petseg's default

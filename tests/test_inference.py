@@ -250,3 +250,158 @@ def test_listing_follows_hadoop_globs_and_spark_hidden_names(tmp_path):
     assert names(f"{root}/2024-*") == ["2024-01/e.jpg"]  # a matching folder brings its files
     assert names(f"{root}/[as]*/*.jpg") == ["sub/d.jpg"]
     assert list_files(f"{root}/a.jpg") == [f"{root}/a.jpg"] and list_files(f"{root}/missing") == []
+
+
+def _cli(spark, *args: str) -> int:
+    """``petseg <args>`` through :func:`petseg.cli.main` on the test session (spark.master is null, so
+    the active session is used and left running); the confs it applies are put back."""
+    from petseg.cli import main
+
+    saved = spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch")
+    try:
+        return main(list(args))
+    finally:
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", saved)
+
+
+def test_images_over_the_pixel_limit_become_error_rows(spark, run_dir, tmp_path):
+    from conftest import png_bomb
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "small.jpg").write_bytes(render.encode_jpeg(render.synthetic_pet(1, seed=3, size=(40, 30)).image))
+    (folder / "big.jpg").write_bytes(render.encode_jpeg(render.synthetic_pet(2, seed=3, size=(100, 80)).image))
+    (folder / "bomb.png").write_bytes(png_bomb(20_000, 10_000))  # Pillow's DecompressionBombError once failed the job
+    code = _cli(spark, "infer", f"infer.model={run_dir}", f"infer.input={folder}", f"infer.output={tmp_path / 'out'}",
+                "data.max_image_pixels=5000")
+    assert code == 0
+    out = {r["path"].rsplit("/", 1)[-1]: r for r in spark.read.parquet(str(tmp_path / "out")).collect()}
+    assert out["small.jpg"]["error"] is None and out["small.jpg"]["mask_png"]
+    assert out["big.jpg"]["error"].startswith("image_too_large: the image is 100x80 = 8000 pixels, over "
+                                              "data.max_image_pixels=5000")
+    assert out["bomb.png"]["error"].startswith("image_too_large: ") and out["bomb.png"]["mask_png"] is None
+
+
+def test_a_mask_that_cannot_be_encoded_is_an_error_row(spark, run_dir, tmp_path):
+    import io
+
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "ok.jpg").write_bytes(render.encode_jpeg(render.synthetic_pet(1, seed=3, size=(40, 30)).image))
+    wide = io.BytesIO()
+    Image.new("RGB", (1_000_001, 1), (90, 120, 30)).save(wide, format="PNG")  # Pillow reads it; libpng won't write it
+    (folder / "wide.png").write_bytes(wide.getvalue())
+    infer, report = _infer(spark, f"infer.model={run_dir}", f"infer.input={folder}", f"infer.output={tmp_path / 'out'}")
+    assert report.segmented == 1 and report.failed == {"mask_unencodable": 1}
+    out = {r["path"].rsplit("/", 1)[-1]: r for r in spark.read.parquet(str(tmp_path / "out")).collect()}
+    assert out["wide.png"]["mask_png"] is None and out["wide.png"]["fraction_pet"] is None
+    assert out["wide.png"]["error"].startswith("mask_unencodable: the 1000001x1 mask could not be encoded as PNG")
+
+
+def test_inference_that_segments_nothing_fails_with_one_line(spark, run_dir, tmp_path, capsys):
+    from petseg.infer.job import NothingSegmentedError
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_bytes(b"not an image")
+    (bad / "b.jpg").write_bytes(b"")
+    with pytest.raises(NothingSegmentedError, match=r"none of the 2 rows of infer.input=.* was segmented \(failed: "
+                                                    r"\{.*'image_undecodable': 1.*\}\); the error column of .* says why"):
+        _infer(spark, f"infer.model={run_dir}", f"infer.input={bad}", f"infer.output={tmp_path / 'o1'}")
+    assert spark.read.parquet(str(tmp_path / "o1")).count() == 2  # written first, so the errors can be read
+    empty = tmp_path / "empty.parquet"
+    spark.createDataFrame([], "id string, image binary").write.parquet(str(empty))
+    with pytest.raises(NothingSegmentedError, match="holds no rows to segment"):
+        _infer(spark, f"infer.model={run_dir}", f"infer.input={empty}", f"infer.output={tmp_path / 'o2'}")
+    # Through the command line: a non-zero exit and one line naming the fix.
+    capsys.readouterr()
+    assert _cli(spark, "infer", f"infer.model={run_dir}", f"infer.input={bad}", f"infer.output={tmp_path / 'o3'}") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("petseg infer: none of the 2 rows of infer.input=") and "error column" in err[-1]
+    assert _cli(spark, "infer", f"infer.model={run_dir}", f"infer.input={empty}", f"infer.output={tmp_path / 'o4'}") == 1
+    assert "holds no rows to segment" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_gpu_confs_that_would_move_a_pinned_worker_are_refused():
+    from pyspark import SparkConf
+
+    from petseg.infer.job import GpuSchedulingError, check_gpu_task_slots
+
+    def conf(**values: str) -> SparkConf:
+        return SparkConf(loadDefaults=False).setAll([(k.replace("_", "."), v) for k, v in values.items()])
+
+    with pytest.raises(GpuSchedulingError, match=r"spark.executor.resource.gpu.amount=2 with spark.task.resource.gpu."
+                                                 r"amount=1 .* or set spark.python.worker.reuse=false"):
+        check_gpu_task_slots(conf(spark_executor_resource_gpu_amount="2", spark_task_resource_gpu_amount="1"))
+    for fine in (conf(spark_executor_resource_gpu_amount="1", spark_task_resource_gpu_amount="1"),  # one GPU each
+                 conf(spark_executor_resource_gpu_amount="1", spark_task_resource_gpu_amount="0.5"),  # one GPU shared
+                 conf(spark_executor_resource_gpu_amount="2", spark_task_resource_gpu_amount="2"),  # all GPUs per task
+                 conf(spark_executor_resource_gpu_amount="2", spark_task_resource_gpu_amount="1",
+                      spark_python_worker_reuse="false"),  # a fresh worker per task
+                 conf()):  # no GPU scheduling
+        check_gpu_task_slots(fine)
+
+
+GPU_TASKS = """
+import json, os, sys
+import pandas as pd
+from pyspark import TaskContext
+from pyspark.sql import SparkSession
+from petseg import env
+from petseg.data import render
+from petseg.infer.job import segment_column, segment_udf
+
+run, discovery = sys.argv[1], sys.argv[2]
+master = "local-cluster[1,2,2048]"  # one executor, two cores, two (fake) GPUs, one GPU per task
+env.prepare_process_environment(master=master)
+spark = (SparkSession.builder.master(master).config("spark.ui.enabled", "false")
+         .config("spark.worker.resource.gpu.amount", "2").config("spark.worker.resource.gpu.discoveryScript", discovery)
+         .config("spark.executor.resource.gpu.amount", "2").config("spark.executor.resource.gpu.discoveryScript", discovery)
+         .config("spark.task.resource.gpu.amount", "1").config("spark.python.worker.reuse", "false")
+         .config("spark.executorEnv.TF_USE_LEGACY_KERAS", "1").getOrCreate())
+rows = [(f"p{i}", render.encode_png(render.synthetic_pet(i, seed=1, size=(40, 30)).image)) for i in range(4)]
+frame = spark.createDataFrame(rows, "id string, image binary").repartition(2)
+segment = segment_udf(run, batch_size=2)
+
+def probe(batches):
+    # The UDF's own function, in a task Spark scheduled with a GPU; then what its TensorFlow was shown.
+    batch = pd.concat(list(batches))
+    none = pd.Series([None] * len(batch), dtype="Int32")
+    out = pd.concat(list(segment.func(iter([(batch["image"], none, none)]))))
+    yield pd.DataFrame([{"assigned": ",".join(TaskContext.get().resources()["gpu"].addresses),
+                         "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                         "growth": os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH"),
+                         "segmented": int(out["error"].isna().sum()), "pid": os.getpid()}])
+
+seen = frame.mapInPandas(probe, "assigned string, visible string, growth string, segmented int, pid int").collect()
+job = frame.select(segment_column("image", run, batch_size=2).alias("s")).where("s.error is null").count()
+print("RESULT " + json.dumps({"tasks": [r.asDict() for r in seen], "segmented": job}))
+spark.stop()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_each_gpu_task_shows_tensorflow_only_its_own_gpu(run_dir, tmp_path):
+    """local-cluster with two fake GPUs on one executor: two concurrent tasks, assigned GPU 0 and GPU 1,
+    each pin their Python worker's TensorFlow to their own GPU, with memory growth on."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "fake_gpus.sh"
+    script.write_text('#!/usr/bin/env bash\necho \'{"name": "gpu", "addresses": ["0", "1"]}\'\n')
+    script.chmod(0o755)
+    environ = {k: v for k, v in os.environ.items() if k != "PYSPARK_PYTHON"}
+    done = subprocess.run([sys.executable, "-c", GPU_TASKS, str(run_dir), str(script)], capture_output=True, text=True,
+                          env=environ, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+    tasks = result["tasks"]
+    assert sorted(t["assigned"] for t in tasks) == ["0", "1"]  # two tasks, two different GPUs
+    assert all(t["visible"] == t["assigned"] and t["growth"] == "true" for t in tasks), tasks
+    assert len({t["pid"] for t in tasks}) == 2 and sum(t["segmented"] for t in tasks) == 4
+    assert result["segmented"] == 4  # the job's UDF under the same GPU scheduling

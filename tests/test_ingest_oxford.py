@@ -95,3 +95,53 @@ def test_nothing_valid_fails_after_writing_rejects_and_keeps_old_dataset(spark, 
     assert old.read_text() == "the previous dataset"
     assert spark.read.parquet(data.rejects).count() == 2
     assert not [p for p in tmp_path.iterdir() if "petseg-tmp" in p.name]
+
+
+def _add_listed_pair(root, stem: str, image: bytes, trimap: bytes) -> None:
+    (root / "images" / f"{stem}.jpg").write_bytes(image)
+    (root / "annotations" / "trimaps" / f"{stem}.png").write_bytes(trimap)
+    with open(root / "annotations" / "trainval.txt", "a") as f:
+        f.write(f"{stem} 1 1 1\n")
+
+
+def test_images_over_the_pixel_limit_are_rejected_not_fatal(spark, tmp_path):
+    from conftest import png_bomb
+
+    root = tmp_path / "large"
+    pets = render.write_oxford_layout(root, count=4, seed=5, size=(40, 30))  # 1,200 pixels each
+    big = render.synthetic_pet(9, seed=5, size=(100, 80))  # 8,000 pixels
+    _add_listed_pair(root, "Big_1", render.encode_jpeg(big.image), render.encode_png(big.trimap))
+    # A header claiming 200 MP over a few bytes: Pillow's own guard raises a plain Exception for it,
+    # which once failed the whole job.
+    _add_listed_pair(root, "Bomb_1", png_bomb(20_000, 10_000), render.encode_png(big.trimap))
+    data = data_config(source="oxford", input=str(root), dataset=str(tmp_path / "pets"), image_size=32,
+                       min_row_groups_per_split=1, max_image_pixels=5000)
+    report = run_ingest(spark, data=data)
+    assert report.rejected == {"image_too_large": 2} and sum(report.written.values()) == len(pets)
+    rejects = {r["id"]: r for r in spark.read.parquet(data.rejects).collect()}
+    assert rejects["Big_1"]["detail"].startswith("the image is 100x80 = 8000 pixels, over data.max_image_pixels=5000")
+    assert "200000000 pixels" in rejects["Bomb_1"]["detail"]
+
+
+def test_files_sharing_a_stem_are_each_rejected_as_duplicate_ids(spark, tmp_path):
+    root = tmp_path / "twins"
+    pets = render.write_oxford_layout(root, count=2, seed=6, size=(40, 30))
+    pet = render.synthetic_pet(7, seed=6, size=(40, 30))
+    _add_listed_pair(root, "Twin_1", render.encode_jpeg(pet.image), render.encode_png(pet.trimap))
+    (root / "images" / "Twin_1.png").write_bytes(render.encode_png(pet.image))  # one id, two images
+    _add_listed_pair(root, "Masks_1", render.encode_jpeg(pet.image), render.encode_png(pet.trimap))
+    (root / "annotations" / "trimaps" / "Masks_1.PNG").write_bytes(render.encode_png(pet.trimap))  # two trimaps
+    data = data_config(source="oxford", input=str(root), dataset=str(tmp_path / "pets"), image_size=32,
+                       min_row_groups_per_split=1)
+    report = run_ingest(spark, data=data)
+    assert report.rejected == {"duplicate_id": 3} and sum(report.written.values()) == len(pets)
+    assert report.read == 5  # every image file once: read == written + rejected
+    rejects = sorted((r["path"].rsplit("/", 1)[-1], r["id"], r["reason"], r["detail"])
+                     for r in spark.read.parquet(data.rejects).collect())
+    assert [r[:3] for r in rejects] == [("Masks_1.jpg", "Masks_1", "duplicate_id"), ("Twin_1.jpg", "Twin_1", "duplicate_id"),
+                                        ("Twin_1.png", "Twin_1", "duplicate_id")]
+    assert rejects[0][3].startswith("2 trimaps share the id 'Masks_1' (Masks_1.PNG, Masks_1.png); keep one")
+    assert rejects[1][3].startswith("2 image files share the id 'Twin_1' (Twin_1.jpg, Twin_1.png); keep one")
+    for split in ("train", "test"):
+        with open_split(data.dataset, split=split, fields=("id",)) as reader:
+            assert not {row.id for row in reader} & {"Twin_1", "Masks_1"}

@@ -29,6 +29,7 @@ def validate(cfg: Config, *, job: str = "ingest") -> None:
         _require(bool(cfg.data.dataset), "data.dataset", cfg.data.dataset, "a dataset URL such as file:///tmp/pets")
         cfg.data.dataset = petastorm_url(normalize_url(str(cfg.data.dataset), key="data.dataset"), key="data.dataset")
     _require(cfg.data.image_size >= 8, "data.image_size", cfg.data.image_size, "an integer >= 8 (the recipe uses 128)")
+    _validate_max_image_pixels(cfg.data.max_image_pixels)  # every stage decodes images
     if "data" in sections:
         _validate_data(cfg)
     if "model" in sections:
@@ -156,6 +157,19 @@ def _validate_evaluate(cfg: Config) -> None:
     e.model = normalize_url(str(e.model), key="evaluate.model")
     e.dataset = normalize_url(str(e.dataset), key="evaluate.dataset")
     e.output = normalize_url(str(e.output), key="evaluate.output")
+
+
+def _validate_max_image_pixels(value: int) -> None:
+    from PIL import Image
+
+    # Pillow refuses larger images itself (DecompressionBombError), whatever petseg allows.
+    most = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+    _require(
+        value >= 1 and (most is None or value <= most),
+        "data.max_image_pixels",
+        value,
+        f"an integer from 1 to {most} (Pillow's own limit), in pixels (width x height)",
+    )
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:

@@ -42,6 +42,8 @@ class DataConfig:
     rejects: Optional[str] = MISSING
     image_size: int = MISSING
     image_codec: Codec = MISSING
+    #: Larger images (width x height) are refused by every stage before decoding.
+    max_image_pixels: int = MISSING
     synthetic_count: int = MISSING
     synthetic_seed: int = MISSING
     synthetic_test_fraction: float = MISSING

@@ -31,19 +31,41 @@ class Example:
     width: int
 
 
+#: The default of ``data.max_image_pixels``: the largest image (width x height) any stage decodes. It
+#: admits 48- and 61-megapixel camera photos; a PNG decodes in full at ~6 bytes a pixel at its peak
+#: (measured: 274 MB for 48 MP from a 148 KB file), ~380 MB here, in each Python worker, one per core.
+#: JPEGs decode at reduced scale and cost far less. Pillow's own guard refuses anything over
+#: twice its ``Image.MAX_IMAGE_PIXELS`` (179 MP) in any case.
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+
 #: How ``np.save`` output starts: petseg's raw codec (Petastorm's NdarrayCodec) stores images so.
 NPY_MAGIC = b"\x93NUMPY"
 
 
-def _open(data: bytes | None, what: str) -> Image.Image:
+def _open(data: bytes | None, what: str, *, max_pixels: int) -> Image.Image:
+    """The image behind ``data``, its header read but no pixels decoded yet, checked against ``max_pixels``."""
     if data is None or len(data) == 0:
         raise RejectedInput(f"{what}_empty", f"the {what} file is empty (0 bytes)")
     if bytes(data[:6]) == NPY_MAGIC:
-        return _open_array(data, what)
-    try:
-        return Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise RejectedInput(f"{what}_undecodable", f"the {what} bytes are not a known image format: {exc}")
+        img = _open_array(data, what)
+    else:
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            # A plain Exception, not an OSError: Pillow's own guard, from the header, at twice its limit.
+            raise RejectedInput(
+                f"{what}_too_large", f"{exc}; over data.max_image_pixels={max_pixels} too: shrink the {what}"
+            ) from None
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise RejectedInput(f"{what}_undecodable", f"the {what} bytes are not a known image format: {exc}")
+    width, height = img.size  # from the header: a decompression bomb is refused before it is inflated
+    if width * height > max_pixels:
+        raise RejectedInput(
+            f"{what}_too_large",
+            f"the {what} is {width}x{height} = {width * height} pixels, over data.max_image_pixels={max_pixels}; "
+            f"shrink the {what}, or raise data.max_image_pixels if the executors have the memory",
+        )
+    return img
 
 
 def _open_array(data: bytes, what: str) -> Image.Image:
@@ -78,7 +100,9 @@ def _to_rgb(img: Image.Image, *, min_side: int | None) -> np.ndarray:
     return arr
 
 
-def decode_rgb(data: bytes | None, *, min_side: int | None = None) -> np.ndarray:
+def decode_rgb(
+    data: bytes | None, *, min_side: int | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> np.ndarray:
     """Decode image bytes by their content (not their file name) into an RGB uint8 array.
 
     The Oxford-IIIT release has ``.jpg`` files that are really GIF or PNG, and grayscale, RGBA and
@@ -90,34 +114,39 @@ def decode_rgb(data: bytes | None, *, min_side: int | None = None) -> np.ndarray
         The encoded file.
     min_side
         When given, a JPEG may be decoded at a reduced scale that keeps both sides at least this long.
+    max_pixels
+        Refuse larger images (width x height, read from the header) before decoding them.
 
     Raises
     ------
     RejectedInput
-        ``image_empty`` or ``image_undecodable``.
+        ``image_empty``, ``image_undecodable`` or ``image_too_large``.
     """
-    return _to_rgb(_open(data, "image"), min_side=min_side)
+    return _to_rgb(_open(data, "image", max_pixels=max_pixels), min_side=min_side)
 
 
-def decode_for_model(data: bytes | None, *, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+def decode_for_model(
+    data: bytes | None, *, size: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode by content and resize to ``size`` x ``size`` as ingest does; also return (height, width).
 
     The original size comes from the header, so a reduced-scale JPEG decode does not change it.
+    Images over ``max_pixels`` are refused (``image_too_large``) before decoding.
     """
-    img = _open(data, "image")
+    img = _open(data, "image", max_pixels=max_pixels)
     width, height = img.size
     return resize_image(_to_rgb(img, min_side=size), size), (height, width)
 
 
-def decode_trimap(data: bytes | None) -> np.ndarray:
+def decode_trimap(data: bytes | None, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode an Oxford-IIIT trimap PNG into a (H, W) uint8 array of its stored values.
 
     Raises
     ------
     RejectedInput
-        ``mask_empty``, ``mask_undecodable`` or ``mask_not_single_channel``.
+        ``mask_empty``, ``mask_undecodable``, ``mask_too_large`` or ``mask_not_single_channel``.
     """
-    img = _open(data, "mask")
+    img = _open(data, "mask", max_pixels=max_pixels)
     try:
         arr = np.asarray(img)  # L and P modes give the stored values (P: the palette indices)
     except (OSError, ValueError, SyntaxError) as exc:
@@ -140,15 +169,18 @@ def decode_trimap(data: bytes | None) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
-def decode_label_mask(data: bytes | None) -> np.ndarray:
+def decode_label_mask(data: bytes | None, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """A stored label mask (petseg's raw codec: ``np.save`` of uint8 (H, W)) or a label PNG, as (H, W).
 
     Raises
     ------
     RejectedInput
-        ``mask_empty`` or ``mask_undecodable``.
+        ``mask_empty``, ``mask_undecodable`` or ``mask_too_large``.
     """
-    arr = np.asarray(_open(data, "mask"))
+    try:
+        arr = np.asarray(_open(data, "mask", max_pixels=max_pixels))
+    except (OSError, ValueError, SyntaxError) as exc:  # a truncated payload behind a valid header
+        raise RejectedInput("mask_undecodable", f"the mask could not be decoded: {exc}")
     if arr.ndim != 2:
         raise RejectedInput("mask_undecodable", f"a label mask must be 2-D (H, W); got shape {arr.shape}")
     return arr
@@ -173,17 +205,19 @@ def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
 
 
-def prepare_example(image_bytes: bytes | None, mask_bytes: bytes | None, *, size: int) -> Example:
+def prepare_example(
+    image_bytes: bytes | None, mask_bytes: bytes | None, *, size: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> Example:
     """Turn an encoded image and its Oxford-IIIT trimap into a model-resolution :class:`Example`.
 
     Raises
     ------
     RejectedInput
-        With a reason code when the pair cannot be used: empty or undecodable image or mask,
-        mask size different from the image, or mask values outside 1..3.
+        With a reason code when the pair cannot be used: empty, undecodable or too large (over
+        ``max_pixels``) image or mask, mask size different from the image, or mask values outside 1..3.
     """
-    img = _open(image_bytes, "image")
-    mask = decode_trimap(mask_bytes)
+    img = _open(image_bytes, "image", max_pixels=max_pixels)
+    mask = decode_trimap(mask_bytes, max_pixels=max_pixels)
     width, height = img.size  # from the header: the original size, before any reduced-scale decode
     if (height, width) != mask.shape:
         raise RejectedInput(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Tuple
+from typing import TYPE_CHECKING, Iterator, Tuple
 
 import cv2
 import numpy as np
@@ -16,13 +16,19 @@ from pyspark.sql.functions import pandas_udf
 from pyspark.sql.types import BinaryType, DoubleType, IntegerType, StringType, StructField, StructType
 
 from petseg.config import InferConfig, MlflowConfig, to_dict
-from petseg.data.decode import CLASSES
+from petseg.data.decode import CLASSES, DEFAULT_MAX_IMAGE_PIXELS
+from petseg.env import pin_task_gpus
 from petseg.errors import InputError, RejectedInput
 from petseg.io.fs import Storage
 from petseg.io.urls import is_table_name
 from petseg.model import artifact
 from petseg.session import task_cpus
 from petseg.tracking import flatten, tracked_run
+
+if TYPE_CHECKING:
+    from pyspark import SparkConf
+
+    from petseg.infer.segment import Segmentation
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +49,64 @@ SEGMENTATION_SCHEMA = StructType(
 )
 
 
-def _png(mask: np.ndarray | None) -> bytes | None:
-    if mask is None:
-        return None
-    ok, buf = cv2.imencode(".png", mask)
-    return buf.tobytes() if ok else None
+def check_gpu_task_slots(conf: "SparkConf") -> None:
+    """Refuse GPU scheduling under which a reused Python worker would be handed another task's GPU.
+
+    Each worker's TensorFlow is pinned to the GPUs of its first task (:func:`petseg.env.pin_task_gpus`)
+    and cannot move; Spark reuses workers and gives a task whichever of its executor's GPUs is free,
+    so an executor with several GPUs, each task taking some of them, needs fresh workers.
+
+    Raises
+    ------
+    GpuSchedulingError
+        Naming the confs and the two ways out.
+    """
+    executor = float(conf.get("spark.executor.resource.gpu.amount", "0"))
+    task = float(conf.get("spark.task.resource.gpu.amount", "0"))
+    reuse = conf.get("spark.python.worker.reuse", "true").strip().lower() == "true"
+    if task > 0 and executor > 1 and task < executor and reuse:
+        raise GpuSchedulingError(
+            f"spark.executor.resource.gpu.amount={conf.get('spark.executor.resource.gpu.amount')} with "
+            f"spark.task.resource.gpu.amount={conf.get('spark.task.resource.gpu.amount')} lets Spark give a reused "
+            "Python worker, whose TensorFlow is pinned to one GPU, a task on another; give each executor one GPU "
+            "(spark.executor.resource.gpu.amount=1, as many executors as GPUs) or set spark.python.worker.reuse=false"
+        )
+
+
+class GpuSchedulingError(InputError):
+    """Spark's GPU confs would put a task's model on another task's GPU."""
+
+
+class NothingSegmentedError(InputError):
+    """The job segmented no row: the input was empty, or every row failed; the message says which."""
+
+
+def _png(mask: np.ndarray, what: str) -> bytes:
+    """``mask`` as an 8-bit PNG; a mask libpng cannot write (a side over its 1,000,000-pixel limit)
+    raises :class:`RejectedInput`, so that its row reports it rather than passing with no mask."""
+    try:
+        ok, buf = cv2.imencode(".png", mask)
+    except cv2.error as exc:  # OpenCV asserts on libpng's failure rather than returning ok=False
+        ok, buf = False, str(exc).strip().splitlines()[-1]
+    if not ok:
+        raise RejectedInput(
+            "mask_unencodable", f"the {mask.shape[1]}x{mask.shape[0]} {what} could not be encoded as PNG ({buf})"
+        )
+    return buf.tobytes()
+
+
+def _encoded_masks(seg: "Segmentation", *, model_resolution: bool) -> tuple[bytes | None, bytes | None, "Segmentation"]:
+    """(mask_png, mask_model_png, the segmentation), or no masks and an error segmentation when one
+    of them cannot be encoded."""
+    from petseg.infer.segment import Segmentation
+
+    if seg.mask is None:
+        return None, None, seg
+    try:
+        return (_png(seg.mask, "mask"), _png(seg.mask_model, "model-resolution mask") if model_resolution else None,
+                seg)
+    except RejectedInput as exc:
+        return None, None, Segmentation.rejected(exc)
 
 
 def segment_udf(
@@ -58,14 +117,16 @@ def segment_udf(
     read_files: bool = False,
     threads: int | None = None,
     model_version: str | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ):
     """A pandas UDF (Iterator of (data, height, width) Series -> Iterator of DataFrame) that segments images.
 
-    The model loads once per Python worker (:func:`petseg.model.artifact.load`); each Arrow batch
+    The model loads once per Python worker (:func:`petseg.model.artifact.load`), on the GPUs Spark
+    assigned to the worker's first task, if any (:func:`petseg.env.pin_task_gpus`); each Arrow batch
     (``spark.sql.execution.arrow.maxRecordsPerBatch`` rows) is predicted ``batch_size`` images at a
     time. ``data`` holds encoded images, or file URLs when ``read_files``; ``height``/``width``
-    (nullable) override the size the mask is returned at. A bad row gives a null mask and a
-    message in ``error``; the batch goes on.
+    (nullable) override the size the mask is returned at. A bad row (an image over
+    ``max_image_pixels`` among them) gives a null mask and a message in ``error``; the batch goes on.
     """
 
     @pandas_udf(SEGMENTATION_SCHEMA)  # type: ignore[call-overload]
@@ -73,6 +134,7 @@ def segment_udf(
         from petseg.infer.segment import Segmentation, segment_images
         from petseg.io.fs import read_file
 
+        pin_task_gpus()  # before the load imports TensorFlow
         loaded = artifact.load(model_uri, threads=threads, version=model_version)
         for data, heights, widths in batches:
             values = data.tolist()
@@ -86,11 +148,12 @@ def segment_udf(
             sizes = [
                 None if pd.isna(h) or pd.isna(w) else (int(h), int(w)) for h, w in zip(heights.tolist(), widths.tolist())
             ]
-            segs = segment_images(loaded, values, batch_size=batch_size, sizes=sizes)
-            segs = [failed.get(i, s) for i, s in enumerate(segs)]
+            segs = segment_images(loaded, values, batch_size=batch_size, sizes=sizes, max_pixels=max_image_pixels)
+            encoded = [_encoded_masks(failed.get(i, s), model_resolution=model_resolution) for i, s in enumerate(segs)]
+            segs = [s for _, _, s in encoded]
             columns: dict[str, list] = {
-                "mask_png": [_png(s.mask) for s in segs],
-                "mask_model_png": [_png(s.mask_model) if model_resolution else None for s in segs],
+                "mask_png": [png for png, _, _ in encoded],
+                "mask_model_png": [png for _, png, _ in encoded],
                 "height": [None if s.mask is None else s.mask.shape[0] for s in segs],
                 "width": [None if s.mask is None else s.mask.shape[1] for s in segs],
             }
@@ -116,6 +179,7 @@ def segment_column(
     read_files: bool = False,
     threads: int | None = None,
     model_version: str | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Column:
     """A struct column of :data:`SEGMENTATION_SCHEMA` segmenting an encoded-image column.
 
@@ -130,11 +194,13 @@ def segment_column(
     model_version
         The run the caller labels its rows with (:attr:`petseg.model.artifact.ModelArtifact.version`);
         executors fail rather than segment with another. None: whatever the folder holds.
+    max_image_pixels
+        Images larger than this (width x height) get an ``image_too_large`` error instead of a mask.
     """
     no_size = F.lit(None).cast("int")
     udf = segment_udf(
         model_uri, batch_size=batch_size, model_resolution=model_resolution, read_files=read_files, threads=threads,
-        model_version=model_version,
+        model_version=model_version, max_image_pixels=max_image_pixels,
     )
     return udf(
         F.col(column) if isinstance(column, str) else column,
@@ -170,7 +236,13 @@ class InferReport:
         return "\n".join(lines)
 
 
-def run_infer(spark: SparkSession, *, infer: InferConfig, tracking: MlflowConfig | None = None) -> InferReport:
+def run_infer(
+    spark: SparkSession,
+    *,
+    infer: InferConfig,
+    tracking: MlflowConfig | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> InferReport:
     """Segment every row of ``infer.input`` and write the masks to ``infer.output``.
 
     The output holds the input's key, ``mask_png`` at the original resolution, ``mask_model_png``
@@ -179,29 +251,37 @@ def run_infer(spark: SparkSession, *, infer: InferConfig, tracking: MlflowConfig
     ``saveAsTable``, overwriting. Bad rows are kept with an error; the counts come back.
 
     With ``tracking`` enabled, an MLflow run records the model version used, the input, the
-    output and the counts.
+    output and the counts. Images over ``max_image_pixels`` (``data.max_image_pixels``) become
+    ``image_too_large`` error rows.
 
     Raises
     ------
     InputError
-        At once, before any Spark job, when the model is missing or not a petseg model, or the input
-        is missing or lacks the image or key column.
+        At once, before any Spark job, when the model is missing or not a petseg model, the input
+        is missing or lacks the image or key column, or the GPU confs would share GPUs between tasks
+        (:func:`check_gpu_task_slots`).
+    NothingSegmentedError
+        After writing the output (so its errors can be read), when no row was segmented: the input
+        has no rows, or every row failed.
     """
     start = time.perf_counter()
     model = artifact.resolve(str(infer.model))  # fail before touching the input
+    check_gpu_task_slots(spark.sparkContext.getConf())
     version = model.version
     params = {**flatten({"infer": to_dict(infer)}), "model_version": version,
               "model_mlflow_run_id": model.mlflow_run_id}
     with tracked_run(tracking, name="petseg-infer", params=params,
                      tags={"petseg.job": "infer", "petseg.model_version": version}) as tracked:
-        report = _segment_and_write(spark, infer=infer, version=version, start=start)
+        report = _segment_and_write(spark, infer=infer, version=version, start=start, max_image_pixels=max_image_pixels)
         if tracked is not None:
             tracked.log_metrics({"rows": report.rows, "segmented": report.segmented,
                                  "failed": sum(report.failed.values()), "rows_per_s": report.rows / report.seconds})
     return report
 
 
-def _segment_and_write(spark: SparkSession, *, infer: InferConfig, version: str, start: float) -> InferReport:
+def _segment_and_write(
+    spark: SparkSession, *, infer: InferConfig, version: str, start: float, max_image_pixels: int
+) -> InferReport:
     from petseg.infer.inputs import load_image_table
 
     table = load_image_table(spark, infer=infer)
@@ -222,6 +302,7 @@ def _segment_and_write(spark: SparkSession, *, infer: InferConfig, version: str,
         read_files=table.reads_files,
         threads=threads,
         model_version=version,
+        max_image_pixels=max_image_pixels,
     )
     out = table.frame.select(F.col(table.key), segmentation.alias("s")).select(
         table.key,
@@ -259,6 +340,15 @@ def _segment_and_write(spark: SparkSession, *, infer: InferConfig, version: str,
         seconds=time.perf_counter() - start,
     )
     log.info("infer wrote %d rows to %s", report.rows, infer.output)
+    if not segmented:
+        if not report.rows:
+            raise NothingSegmentedError(
+                f"infer.input={report.input!r} holds no rows to segment; point it at a non-empty table or folder"
+            )
+        raise NothingSegmentedError(
+            f"none of the {report.rows} rows of infer.input={report.input!r} was segmented (failed: {failed}); "
+            f"the error column of {report.output} says why for each row: fix those inputs"
+        )
     return report
 
 

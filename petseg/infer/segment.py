@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from petseg.data.decode import decode_for_model, resize_mask
+from petseg.data.decode import DEFAULT_MAX_IMAGE_PIXELS, decode_for_model, resize_mask
 from petseg.errors import RejectedInput
 from petseg.model.artifact import LoadedModel
 
@@ -43,6 +43,7 @@ def segment_images(
     *,
     batch_size: int,
     sizes: Sequence[tuple[int, int] | None] | None = None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> list[Segmentation]:
     """Segment encoded images; a bad one gets an error instead of a mask, and the rest go on.
 
@@ -53,13 +54,15 @@ def segment_images(
     sizes
         (height, width) to return each mask at, where the bytes are not the original image (a
         dataset's resized images keep their original size in columns); None: the decoded size.
+    max_pixels
+        Images over this many pixels get an ``image_too_large`` error, refused from their header.
     """
     size, n_classes = loaded.image_size, len(loaded.classes)
     results: list[Segmentation | None] = [None] * len(encoded)
     ready, shapes, index = [], [], []
     for i, data in enumerate(encoded):
         try:
-            image, shape = decode_for_model(data, size=size)
+            image, shape = decode_for_model(data, size=size, max_pixels=max_pixels)
             if sizes is not None and sizes[i] is not None:
                 shape = _output_size(*sizes[i])
         except RejectedInput as exc:

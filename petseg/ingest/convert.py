@@ -17,7 +17,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import BinaryType, IntegerType, StructField, StructType
 
 from petseg.config import DataConfig, Source
-from petseg.data.decode import prepare_example
+from petseg.data.decode import DEFAULT_MAX_IMAGE_PIXELS, prepare_example
 from petseg.data.schema import REJECTS_SCHEMA, SPLIT, pet_schema
 from petseg.errors import InputError, RejectedInput
 from petseg.ingest.pairs import PAIRS_SCHEMA
@@ -87,12 +87,17 @@ def load_pairs(spark: SparkSession, data: DataConfig) -> DataFrame:
     return load_tfds(spark, data_dir=str(data.input), name=data.tfds_name, download=data.tfds_download)
 
 
-def prepare_pairs(pairs: DataFrame, *, image_size: int, image_codec: str) -> DataFrame:
-    """Decode, check, resize and encode every pair on the executors (:data:`PREPARED_SCHEMA`)."""
-    return pairs.mapInPandas(_prepare_batches(image_size, image_codec), PREPARED_SCHEMA)
+def prepare_pairs(
+    pairs: DataFrame, *, image_size: int, image_codec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> DataFrame:
+    """Decode, check, resize and encode every pair on the executors (:data:`PREPARED_SCHEMA`); images
+    and trimaps over ``max_image_pixels`` are rejected from their headers."""
+    return pairs.mapInPandas(_prepare_batches(image_size, image_codec, max_image_pixels), PREPARED_SCHEMA)
 
 
-def _prepare_batches(image_size: int, image_codec: str) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+def _prepare_batches(
+    image_size: int, image_codec: str, max_image_pixels: int
+) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     def prepare(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         schema = pet_schema(image_size=image_size, image_codec=image_codec)
         image_field, mask_field = schema.fields["image"], schema.fields["mask"]
@@ -103,7 +108,7 @@ def _prepare_batches(image_size: int, image_codec: str) -> Callable[[Iterator[pd
                 example = None
                 if reason is None:
                     try:
-                        example = prepare_example(image, mask, size=image_size)
+                        example = prepare_example(image, mask, size=image_size, max_pixels=max_image_pixels)
                     except RejectedInput as exc:
                         reasons[i], details[i] = exc.reason, exc.detail
                 if example is None:
@@ -190,7 +195,8 @@ def run_ingest(spark: SparkSession, *, data: DataConfig) -> IngestReport:
 
     pairs = load_pairs(spark, data)
     lap("list")
-    prepared = prepare_pairs(pairs, image_size=data.image_size, image_codec=data.image_codec.value)
+    prepared = prepare_pairs(pairs, image_size=data.image_size, image_codec=data.image_codec.value,
+                             max_image_pixels=data.max_image_pixels)
     # Three consumers below (counts, rejects, dataset): decode once.
     prepared = prepared.persist(StorageLevel.MEMORY_AND_DISK)
     try:

@@ -7,7 +7,8 @@ large side is never shuffled.
 
 Images that are in neither list are dropped and reported in the rejects table as
 ``not_in_split_lists``: the split lists define the benchmark, and guessing a split would leak test
-images into training.
+images into training. Two files with one stem (``x.jpg`` and ``x.png``, or two trimaps) would be one
+id with two sets of pixels: every image file of that stem is rejected as ``duplicate_id``.
 """
 
 from __future__ import annotations
@@ -70,27 +71,37 @@ def load_oxford(spark: SparkSession, *, root: str, partitions: int) -> DataFrame
     # File names only (binaryFile reads no content for these), gathered on the driver: ~7,400 short rows.
     images = _binary_files(spark, images_url, IMAGE_GLOB)
     trimaps = _binary_files(spark, trimaps_url, TRIMAP_GLOB)
-    image_ids = {r.id for r in images.select(_stem().alias("id")).collect()}
-    trimap_ids = {r.id for r in trimaps.select(_stem().alias("id")).collect()}
+    image_files, trimap_files = _paths_by_stem(images), _paths_by_stem(trimaps)
     listed = _read_lists(spark, list_urls)
 
     # Zero-length files are invisible to Spark's file listing (SPARK-26161, SPARK-27291), yet an empty
     # image is bad input to report, not to lose. Look for them only where a file was expected.
-    empty_images = _empty_files(storage, images_url, (set(listed) | trimap_ids) - image_ids, IMAGE_EXTENSIONS)
-    empty_trimaps = _empty_files(storage, trimaps_url, (set(listed) | image_ids) - trimap_ids, TRIMAP_EXTENSIONS)
-    image_ids |= set(empty_images)
-    trimap_ids |= set(empty_trimaps)
+    empty_images = _empty_files(storage, images_url, (set(listed) | set(trimap_files)) - set(image_files),
+                                IMAGE_EXTENSIONS)
+    empty_trimaps = _empty_files(storage, trimaps_url, (set(listed) | set(image_files)) - set(trimap_files),
+                                 TRIMAP_EXTENSIONS)
+    for found, empty in ((image_files, empty_images), (trimap_files, empty_trimaps)):
+        for stem, paths in empty.items():
+            found.setdefault(stem, []).extend(paths)
+    image_ids, trimap_ids = set(image_files), set(trimap_files)
     if not image_ids:
         raise InputError(f"{images_url} holds no image files ({IMAGE_GLOB}); is data.input the right folder?")
 
     image_rows = images.select(_stem().alias("id"), "path", F.col("content").alias("image"))
     if empty_images:
-        image_rows = image_rows.unionByName(_local(spark, {"id": list(empty_images), "path": list(empty_images.values()),
-                                                           "image": [b""] * len(empty_images)}, "id string, path string, image binary"))
+        ids, paths = zip(*[(stem, path) for stem, found in empty_images.items() for path in found])
+        image_rows = image_rows.unionByName(_local(spark, {"id": ids, "path": paths, "image": [b""] * len(ids)},
+                                                   "id string, path string, image binary"))
     mask_rows = trimaps.select(_stem().alias("id"), F.col("content").alias("mask"))
     if empty_trimaps:
-        mask_rows = mask_rows.unionByName(_local(spark, {"id": list(empty_trimaps), "mask": [b""] * len(empty_trimaps)},
-                                                 "id string, mask binary"))
+        ids = [stem for stem, found in empty_trimaps.items() for _ in found]
+        mask_rows = mask_rows.unionByName(_local(spark, {"id": ids, "mask": [b""] * len(ids)}, "id string, mask binary"))
+    duplicates = _duplicate_ids(image_files, trimap_files)
+    # One trimap row per stem, so the join below gives each image file exactly one row.
+    if duplicates:
+        mask_rows = mask_rows.where(~F.col("id").isin(list(duplicates)))
+    duplicate_rows = _local(spark, {"id": list(duplicates), "duplicate": list(duplicates.values())},
+                            "id string, duplicate string")
     split_rows = _local(
         spark,
         {
@@ -102,14 +113,21 @@ def load_oxford(spark: SparkSession, *, root: str, partitions: int) -> DataFrame
     )
 
     # The large side (images) stays in its scan partitions; trimaps and lists are broadcast to it.
-    paired = image_rows.coalesce(partitions).join(F.broadcast(mask_rows), "id", "left").join(F.broadcast(split_rows), "id", "left")
+    paired = (
+        image_rows.coalesce(partitions)
+        .join(F.broadcast(mask_rows), "id", "left")
+        .join(F.broadcast(split_rows), "id", "left")
+        .join(F.broadcast(duplicate_rows), "id", "left")
+    )
     reason = (
-        F.when(F.col("mask").isNull(), F.lit("mask_missing"))
+        F.when(F.col("duplicate").isNotNull(), F.lit("duplicate_id"))
+        .when(F.col("mask").isNull(), F.lit("mask_missing"))
         .when(F.col("n_lists") > 1, F.lit("in_both_split_lists"))
         .when(F.col("split").isNull(), F.lit("not_in_split_lists"))
     )
     detail = (
-        F.when(F.col("mask").isNull(), F.concat(F.lit("no trimap "), F.col("id"), F.lit(f".png in {trimaps_url}")))
+        F.when(F.col("duplicate").isNotNull(), F.col("duplicate"))
+        .when(F.col("mask").isNull(), F.concat(F.lit("no trimap "), F.col("id"), F.lit(f".png in {trimaps_url}")))
         .when(F.col("n_lists") > 1, F.lit("listed in both trainval.txt and test.txt; keep it in one"))
         .when(F.col("split").isNull(), F.lit("listed in neither trainval.txt nor test.txt"))
     )
@@ -140,13 +158,34 @@ def _local(spark: SparkSession, columns: dict[str, list], schema: str) -> DataFr
     return spark.createDataFrame(pd.DataFrame(columns), schema)
 
 
-def _empty_files(storage: Storage, url: str, stems: set[str], extensions: tuple[str, ...]) -> dict[str, str]:
-    """stem -> path of zero-length files named ``<stem>.<ext>`` under ``url``, for the given stems."""
-    found: dict[str, str] = {}
+def _paths_by_stem(files: DataFrame) -> dict[str, list[str]]:
+    """stem -> paths of the listed files."""
+    found: dict[str, list[str]] = {}
+    for row in files.select(_stem().alias("id"), "path").collect():
+        found.setdefault(row.id, []).append(row.path)
+    return found
+
+
+def _empty_files(storage: Storage, url: str, stems: set[str], extensions: tuple[str, ...]) -> dict[str, list[str]]:
+    """stem -> paths of zero-length files named ``<stem>.<ext>`` under ``url``, for the given stems."""
+    found: dict[str, list[str]] = {}
     for stem in sorted(stems):
         for path, length in storage.glob(url, f"{stem}.*"):
             if length == 0 and path.rsplit(".", 1)[-1] in extensions:
-                found[stem] = path
+                found.setdefault(stem, []).append(path)
+    return found
+
+
+def _duplicate_ids(images: dict[str, list[str]], trimaps: dict[str, list[str]]) -> dict[str, str]:
+    """stem -> why its images are rejected, for stems with several image files or several trimaps: the
+    stem is the example's id, and no rule could say which file it should be."""
+    found: dict[str, str] = {}
+    for what, files in (("trimaps", trimaps), ("image files", images)):  # images last: their detail wins
+        for stem, paths in files.items():
+            if len(paths) > 1:
+                names = ", ".join(sorted(p.rsplit("/", 1)[-1] for p in paths))
+                found[stem] = (f"{len(paths)} {what} share the id {stem!r} ({names}); keep one {stem}.* "
+                               f"and rename or remove the others")
     return found
 
 
