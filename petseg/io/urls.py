@@ -37,6 +37,8 @@ from petseg.errors import ConfigError
 
 #: URL schemes the dataset writer and the Petastorm reader both understand.
 DATASET_SCHEMES = ("file", "hdfs", "viewfs", "s3a", "s3", "gs", "abfss", "dbfs")
+#: Databricks' mounts of shared storage: the same files on every node of its cluster, as local paths.
+SHARED_MOUNTS = ("/dbfs", "/Volumes")
 #: Schemes pyarrow has a file system of its own for (s3a:// is Hadoop's name for the same S3).
 _ARROW_SCHEMES = {"hdfs": "hdfs", "viewfs": "viewfs", "s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs"}
 
@@ -74,7 +76,7 @@ def split_url(url: str) -> Url:
     ValueError
         For a relative path, which only :func:`normalize_url` may resolve (against the driver's cwd).
     """
-    if _plain_path(url):  # no scheme ("C:/..." is a drive, not one)
+    if is_plain_path(url):  # no scheme ("C:/..." is a drive, not one)
         if not url.startswith("/"):
             raise ValueError(f"{url!r} is a relative path; pass an absolute path or a URL")
         return Url("file", "", url)
@@ -129,12 +131,18 @@ def petastorm_url(url: str, *, key: str) -> str:
 
 def is_local(url: str) -> bool:
     """Whether ``url`` is on the local file system (or a mount of it): a ``file:`` URL or a path."""
-    return _plain_path(url) or split_url(url).scheme == "file"
+    return is_plain_path(url) or split_url(url).scheme == "file"
 
 
-def _plain_path(url: str) -> bool:
+def is_plain_path(url: str) -> bool:
+    """Whether ``url`` is a path without a scheme (``runs/r1``, ``/data/pets``), not a URL (``file:///x``)."""
     match = _URL.match(url)
     return match is None or len(match.group("scheme")) == 1
+
+
+def on_shared_mount(path: str) -> bool:
+    """Whether an absolute local path lies under one of :data:`SHARED_MOUNTS` (``/dbfs/x``, ``/Volumes/x``)."""
+    return any(path == mount or path.startswith(mount + "/") for mount in SHARED_MOUNTS)
 
 
 def local_path(url: str) -> Path:
@@ -147,7 +155,7 @@ def local_path(url: str) -> Path:
     """
     if not is_local(url):
         raise ValueError(f"{url!r} is not on the local file system or a mount of it")
-    return Path(url) if _plain_path(url) else Path(split_url(url).path)
+    return Path(url) if is_plain_path(url) else Path(split_url(url).path)
 
 
 def arrow_filesystem(url: str) -> tuple[Any, str]:
