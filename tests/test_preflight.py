@@ -78,3 +78,63 @@ def test_the_cli_fails_with_one_line_naming_the_key_before_spark_starts(capsys):
 def test_what_the_workers_would_refuse_fails_on_the_driver(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         _train(f"data.dataset={tmp_path}/pets", f"train.output_dir={tmp_path}/run", override)
+
+
+@pytest.fixture(scope="module")
+def small_dataset(spark, tmp_path_factory):
+    from conftest import data_config
+
+    from petseg.ingest import run_ingest
+
+    # 40: divisible by 2 (n_depth 2) but not by 16 (n_depth 5).
+    data = data_config(source="synthetic", dataset=str(tmp_path_factory.mktemp("preflight") / "pets"),
+                       synthetic_count=24, image_size=40, min_row_groups_per_split=2)
+    run_ingest(spark, data=data)
+    return data.dataset
+
+
+def _train_on(dataset: str, tmp_path, *overrides: str) -> config.Config:
+    base = [o for o in TRAIN if not o.startswith("data.image_size")]
+    return config.load(overrides=[*base, f"data.dataset={dataset}", f"train.output_dir={tmp_path}/run",
+                                  "train.local_mode=true", *overrides], job="train")
+
+
+def test_training_takes_the_stored_image_size_and_refuses_another(spark, small_dataset, tmp_path):
+    from petseg.train import TrainError, run_train
+
+    with pytest.raises(TrainError, match=r"data.image_size=64 but the dataset at .* stores 40x40 images; leave "
+                                         r"data.image_size unset"):
+        run_train(spark, cfg=_train_on(small_dataset, tmp_path, "data.image_size=64"))
+    with pytest.raises(TrainError, match=r"stores 40x40 images: image_size=40 is not divisible .* n_depth=5"):
+        run_train(spark, cfg=_train_on(small_dataset, tmp_path, "model.n_depth=5"))
+
+
+def test_imagenet_weights_that_cannot_be_fetched_fail_on_the_driver_before_any_spark_job(spark, small_dataset,
+                                                                                         tmp_path):
+    """This machine has no internet (nor cached weights): the fetch fails, and no barrier stage starts."""
+    from petseg.train import TrainError, run_train
+
+    cfg = _train_on(small_dataset, tmp_path, "model.encoder_weights=imagenet", "train.local_mode=false",
+                    "train.num_slots=1")
+    assert cfg.data.image_size is None  # unset: training takes the dataset's 40
+    context = spark.sparkContext
+    context.setJobGroup("petseg-imagenet-preflight", "run_train with unreachable ImageNet weights")
+    try:
+        with pytest.raises(TrainError, match=r"encoder_weights='imagenet' could not be downloaded .*copy "
+                                             r"vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 into"):
+            run_train(spark, cfg=cfg)
+    finally:
+        context.setLocalProperty("spark.jobGroup.id", None)
+    assert list(context.statusTracker().getJobIdsForGroup("petseg-imagenet-preflight")) == []
+
+
+def test_ingest_first_is_said_only_when_there_is_no_dataset(spark, tmp_path):
+    from petseg.train import TrainError, run_train
+
+    cfg = _train_on(str(tmp_path / "pets"), tmp_path)
+    with pytest.raises(TrainError, match=r"there is no dataset at data.dataset=.*run `petseg ingest` first"):
+        run_train(spark, cfg=cfg)
+    cfg = _train_on("abfss://pets@account.dfs.core.windows.net/pets", tmp_path)
+    with pytest.raises(TrainError, match=r"adlfs package, which is not installed .*pip install 'petseg\[azure\]'") as err:
+        run_train(spark, cfg=cfg)
+    assert "ingest" not in str(err.value)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from petseg import env
-from petseg.config.sections import Config, InputFormat, Source
+from petseg.config.sections import RECIPE_IMAGE_SIZE, Config, InputFormat, Source
 from petseg.errors import ConfigError
 from petseg.io.urls import is_local, is_plain_path, is_table_name, normalize_url, on_shared_mount, petastorm_url
 
@@ -29,7 +29,14 @@ def validate(cfg: Config, *, job: str = "ingest") -> None:
     if {"data", "train"} & set(sections):
         _require(bool(cfg.data.dataset), "data.dataset", cfg.data.dataset, "a dataset URL such as file:///tmp/pets")
         cfg.data.dataset = petastorm_url(_location(cfg, str(cfg.data.dataset), key="data.dataset"), key="data.dataset")
-    _require(cfg.data.image_size >= 8, "data.image_size", cfg.data.image_size, "an integer >= 8 (the recipe uses 128)")
+    if cfg.data.image_size is None and "data" in sections:
+        cfg.data.image_size = RECIPE_IMAGE_SIZE  # ingest writes the recipe's size; training reads the dataset's
+    _require(
+        cfg.data.image_size is None or cfg.data.image_size >= 8,
+        "data.image_size",
+        cfg.data.image_size,
+        "an integer >= 8 (the recipe uses 128), or null",
+    )
     if "data" in sections:
         _validate_data(cfg)
     if "model" in sections:
@@ -90,7 +97,9 @@ def _validate_model(cfg: Config) -> None:
     from petseg.model.unet import validate_unet_args  # no TensorFlow import
 
     try:
-        validate_unet_args(image_size=cfg.data.image_size, n_depth=m.n_depth, encoder_weights=m.encoder_weights)
+        # Unset, the size is the dataset's, checked against n_depth when training opens it.
+        image_size = cfg.data.image_size or 2 ** (min(max(m.n_depth, 1), 5) - 1)
+        validate_unet_args(image_size=image_size, n_depth=m.n_depth, encoder_weights=m.encoder_weights)
     except ValueError as exc:
         raise ConfigError(f"model/data config: {exc}") from None
 
