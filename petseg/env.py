@@ -102,3 +102,13 @@ def prepare_process_environment(*, master: str | None) -> None:
     os.environ.setdefault(LEGACY_KERAS_ENV, "1")
     if master is not None and master.startswith("local"):
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+
+
+def spark_master_chosen_elsewhere() -> bool:
+    """Whether a null ``spark.master`` is left to a launcher that may place executors on other machines.
+
+    spark-submit starts the driver's Python with ``PYSPARK_GATEWAY_PORT`` set (pyspark's own
+    java_gateway.py reads it), and every Databricks driver has ``DATABRICKS_RUNTIME_VERSION``. Anywhere
+    else a session built without a master is pyspark's default, ``local[*]``, on this machine.
+    """
+    return "PYSPARK_GATEWAY_PORT" in os.environ or "DATABRICKS_RUNTIME_VERSION" in os.environ

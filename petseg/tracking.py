@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
-from petseg.config import MlflowConfig
+from petseg.config import REDACTED, MlflowConfig, is_secret_key
 from petseg.io import urls
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,14 @@ def tracked_run(
     if cfg.experiment:
         mlflow.set_experiment(cfg.experiment)
     with mlflow.start_run(run_name=name, tags=dict(tags or {})) as run:
-        mlflow.log_params({k: str(v)[:_MAX_PARAM] for k, v in params.items()})
+        mlflow.log_params(loggable_params(params))
         log.info("MLflow run %s (experiment %s)", run.info.run_id, run.info.experiment_id)
         yield TrackedRun(run.info.run_id, run.info.experiment_id)
+
+
+def loggable_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """``params`` as MLflow takes them: strings, cut to MLflow's limit, credentials' values redacted."""
+    return {k: REDACTED if is_secret_key(k) else str(v)[:_MAX_PARAM] for k, v in params.items()}
 
 
 def flatten(sections: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

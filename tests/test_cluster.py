@@ -52,7 +52,9 @@ def test_pipeline_through_spark_submit(standalone, tmp_path):
     master, state = standalone
     assert master.startswith("spark://127.0.0.1:")
     first_app = len(list((state / "worker-0").glob("app-*")))
-    pets, run = tmp_path / "pets", tmp_path / "run"
+    # file:// says these folders are shared: the cluster's workers run on this machine. Plain paths are
+    # refused under spark-submit, whose master may put executors on other machines.
+    pets, run, masks, ev = (f"file://{tmp_path / name}" for name in ("pets", "run", "masks", "eval"))
     ingest = _submit(master, "ingest", "data.source=synthetic", f"data.dataset={pets}", "data.synthetic_count=48",
                      "data.image_size=32", "data.min_row_groups_per_split=2")
     assert "ingest: read 48, written 48, rejected 0" in ingest.stdout
@@ -69,10 +71,10 @@ def test_pipeline_through_spark_submit(standalone, tmp_path):
         assert len(set(re.findall(r"BarrierTaskContext: Task (\d+) .* entered the global sync", text))) == 1, worker
         ranks += sorted(set(re.findall(r"\[petseg worker (\d+)\]", text)))
     assert sorted(ranks) == ["0", "1"]
-    infer = _submit(master, "infer", f"infer.model={run}", f"infer.input={pets}", f"infer.output={tmp_path / 'masks'}")
+    infer = _submit(master, "infer", f"infer.model={run}", f"infer.input={pets}", f"infer.output={masks}")
     assert "infer: 48 rows, segmented 48, failed 0" in infer.stdout
     evaluate = _submit(master, "evaluate", f"evaluate.model={run}", f"evaluate.dataset={pets}",
-                       f"evaluate.output={tmp_path / 'eval'}")
+                       f"evaluate.output={ev}")
     assert "pixel accuracy" in evaluate.stdout
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["images"] > 0 and 0 <= metrics["metrics"]["pixel_accuracy"] <= 1

@@ -16,6 +16,7 @@ from petseg.config.layers import (
     parse_job_arguments,
 )
 from petseg.config.sections import (
+    REDACTED,
     Codec,
     Config,
     DataConfig,
@@ -28,6 +29,8 @@ from petseg.config.sections import (
     Source,
     SparkConfig,
     TrainConfig,
+    is_secret_key,
+    redact_secrets,
     to_dict,
 )
 from petseg.errors import ConfigError
@@ -35,5 +38,6 @@ from petseg.errors import ConfigError
 __all__ = [
     "BASE_CONF", "CONF_DIR", "JOBS", "JOB_SECTIONS", "LOCAL_CONF", "Codec", "Config", "ConfigError", "DataConfig",
     "EvaluateConfig", "InferConfig", "InputFormat", "Invocation", "MlflowConfig", "ModelConfig", "Precision", "Source",
-    "SparkConfig", "TrainConfig", "load", "parse_command_line", "parse_job_arguments", "to_dict", "validate",
+    "REDACTED", "SparkConfig", "TrainConfig", "is_secret_key", "load", "parse_command_line", "parse_job_arguments",
+    "redact_secrets", "to_dict", "validate",
 ]

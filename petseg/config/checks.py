@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from petseg.config.sections import Config, InputFormat, Source
+from petseg import env
+from petseg.config.sections import RECIPE_IMAGE_SIZE, Config, InputFormat, Source
 from petseg.errors import ConfigError
-from petseg.io.urls import is_table_name, normalize_url, petastorm_url
+from petseg.io.urls import is_local, is_plain_path, is_table_name, normalize_url, on_shared_mount, petastorm_url
 
 #: Which config sections each job reads, so that e.g. ``petseg train`` needs no ingest input.
 JOB_SECTIONS = {
@@ -27,8 +28,15 @@ def validate(cfg: Config, *, job: str = "ingest") -> None:
     sections = JOB_SECTIONS.get(job, tuple(JOB_SECTIONS["demo"]))
     if {"data", "train"} & set(sections):
         _require(bool(cfg.data.dataset), "data.dataset", cfg.data.dataset, "a dataset URL such as file:///tmp/pets")
-        cfg.data.dataset = petastorm_url(normalize_url(str(cfg.data.dataset), key="data.dataset"), key="data.dataset")
-    _require(cfg.data.image_size >= 8, "data.image_size", cfg.data.image_size, "an integer >= 8 (the recipe uses 128)")
+        cfg.data.dataset = petastorm_url(_location(cfg, str(cfg.data.dataset), key="data.dataset"), key="data.dataset")
+    if cfg.data.image_size is None and "data" in sections:
+        cfg.data.image_size = RECIPE_IMAGE_SIZE  # ingest writes the recipe's size; training reads the dataset's
+    _require(
+        cfg.data.image_size is None or cfg.data.image_size >= 8,
+        "data.image_size",
+        cfg.data.image_size,
+        "an integer >= 8 (the recipe uses 128), or null",
+    )
     _validate_max_image_pixels(cfg.data.max_image_pixels)  # every stage decodes images
     if "data" in sections:
         _validate_data(cfg)
@@ -73,9 +81,11 @@ def _validate_data(cfg: Config) -> None:
             d.input,
             "the Oxford-IIIT Pet folder (source=oxford) or a TFDS data_dir (source=tfds)",
         )
-    d.rejects = normalize_url(d.rejects, key="data.rejects") if d.rejects else d.dataset.rstrip("/") + "_rejects"
+    d.rejects = _location(cfg, d.rejects, key="data.rejects") if d.rejects else d.dataset.rstrip("/") + "_rejects"
     if d.input and d.source is Source.oxford:
-        d.input = normalize_url(d.input, key="data.input")
+        d.input = _location(cfg, d.input, key="data.input")
+    elif d.input:
+        require_shared_storage(cfg, d.input, key="data.input")  # a TFDS data_dir, opened by every executor
 
 
 def _validate_model(cfg: Config) -> None:
@@ -88,7 +98,9 @@ def _validate_model(cfg: Config) -> None:
     from petseg.model.unet import validate_unet_args  # no TensorFlow import
 
     try:
-        validate_unet_args(image_size=cfg.data.image_size, n_depth=m.n_depth, encoder_weights=m.encoder_weights)
+        # Unset, the size is the dataset's, checked against n_depth when training opens it.
+        image_size = cfg.data.image_size or 2 ** (min(max(m.n_depth, 1), 5) - 1)
+        validate_unet_args(image_size=image_size, n_depth=m.n_depth, encoder_weights=m.encoder_weights)
     except ValueError as exc:
         raise ConfigError(f"model/data config: {exc}") from None
 
@@ -98,7 +110,13 @@ def _validate_train(cfg: Config) -> None:
     _require(t.num_slots >= 1, "train.num_slots", t.num_slots, "an integer >= 1 (workers, or GPUs with use_gpu)")
     _require(t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1")
     _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "a positive number such as 1e-3")
-    _require(t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, "a number >= 0")
+    # A warm-up longer than the run would train at a fraction of the learning rate and never decay.
+    _require(
+        0 <= t.warmup_epochs <= t.epochs,
+        "train.warmup_epochs",
+        t.warmup_epochs,
+        f"a number of epochs between 0 and train.epochs={t.epochs}",
+    )
     _require(t.shuffle_buffer >= 1, "train.shuffle_buffer", t.shuffle_buffer, "an integer >= 1")
     _require(t.preview_images >= 0, "train.preview_images", t.preview_images, "an integer >= 0")
     _require(t.max_restarts >= 0, "train.max_restarts", t.max_restarts, "an integer >= 0 (0: no restarts by petseg)")
@@ -117,7 +135,15 @@ def _validate_train(cfg: Config) -> None:
         f"null or an epoch between 1 and train.epochs={t.epochs}",
     )
     _require(bool(t.output_dir), "train.output_dir", t.output_dir, "a folder URL or path for the run's outputs")
-    t.output_dir = normalize_url(t.output_dir, key="train.output_dir")
+    t.output_dir = _location(cfg, t.output_dir, key="train.output_dir")
+    # Workers save the model and its backups with TensorFlow's file APIs, through the local file system.
+    _require(
+        is_local(t.output_dir),
+        "train.output_dir",
+        t.output_dir,
+        "a folder on the local file system that every worker sees: a shared mount (NFS, /dbfs/..., /Volumes/..., "
+        "dbfs:/...) as a path or file:// URL; TensorFlow writes the model and its backups as local files",
+    )
 
 
 def _validate_infer(cfg: Config) -> None:
@@ -137,13 +163,13 @@ def _validate_infer(cfg: Config) -> None:
     )
     _require(i.limit is None or i.limit >= 1, "infer.limit", i.limit, "null or an integer >= 1")
     _require(i.partitions is None or i.partitions >= 1, "infer.partitions", i.partitions, "null or an integer >= 1")
-    i.model = normalize_url(str(i.model), key="infer.model")
+    i.model = _location(cfg, str(i.model), key="infer.model")
     if i.input_format is InputFormat.table or (i.input_format is InputFormat.auto and is_table_name(str(i.input))):
         i.input_format = InputFormat.table
     else:
-        i.input = normalize_url(str(i.input), key="infer.input")
+        i.input = _location(cfg, str(i.input), key="infer.input")
     if not is_table_name(str(i.output)):
-        i.output = normalize_url(str(i.output), key="infer.output")
+        i.output = _location(cfg, str(i.output), key="infer.output")
 
 
 def _validate_evaluate(cfg: Config) -> None:
@@ -154,9 +180,54 @@ def _validate_evaluate(cfg: Config) -> None:
     _require(e.split in ("train", "test"), "evaluate.split", e.split, "train or test")
     _require(e.batch_size >= 1, "evaluate.batch_size", e.batch_size, "an integer >= 1")
     _require(e.preview_images >= 0, "evaluate.preview_images", e.preview_images, "an integer >= 0 (0: no PNG grid)")
-    e.model = normalize_url(str(e.model), key="evaluate.model")
-    e.dataset = normalize_url(str(e.dataset), key="evaluate.dataset")
-    e.output = normalize_url(str(e.output), key="evaluate.output")
+    e.model = _location(cfg, str(e.model), key="evaluate.model")
+    e.dataset = _location(cfg, str(e.dataset), key="evaluate.dataset")
+    e.output = _location(cfg, str(e.output), key="evaluate.output")
+
+
+def runs_on_one_machine(master: str | None) -> bool:
+    """Whether executors share the driver's disk: ``local[...]`` and ``local-cluster[...]`` masters, or no
+    master where pyspark's default (``local[*]``) applies, i.e. outside spark-submit and Databricks."""
+    if master is None:
+        return not env.spark_master_chosen_elsewhere()
+    return master.startswith("local")
+
+
+def require_shared_storage(cfg: Config, value: str, *, key: str) -> None:
+    """Refuse a plain local path when executors may run on other machines.
+
+    A path without a scheme names the driver's own disk (a relative one resolves against the driver's
+    working directory, ``/databricks/driver`` in a Databricks job): executors elsewhere would write to
+    their own disks and the driver would publish an empty folder. Databricks' ``/dbfs`` and
+    ``/Volumes`` mounts are the same on every node; an explicit ``file://`` URL is the user saying
+    that the folder is a mount every node shares (NFS).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``key``, the value and the forms that work.
+    """
+    master = cfg.spark.master
+    if runs_on_one_machine(master) or not is_plain_path(value):
+        return
+    resolved = normalize_url(value, key=key)
+    path = resolved[len("file://"):]
+    if value.startswith("/") and on_shared_mount(path):
+        return
+    launcher = (f"spark.master={master!r}" if master is not None
+                else "spark.master is null and spark-submit or Databricks chooses it, which")
+    raise ConfigError(
+        f"{key}={value!r} is a path on the driver's own disk ({path}), but {launcher} may run executors on other "
+        "machines, each writing to and reading from its own disk; use storage every node sees (hdfs://, s3a://, "
+        f"gs://, abfss://, dbfs:/ or /Volumes/...), write file://{path} if that folder is a mount every node "
+        "shares (NFS), or set spark.master=local[*] to run on this machine"
+    )
+
+
+def _location(cfg: Config, value: str, *, key: str) -> str:
+    """``value`` as the URL every stage uses, after :func:`require_shared_storage`."""
+    require_shared_storage(cfg, value, key=key)
+    return normalize_url(value, key=key)
 
 
 def _validate_max_image_pixels(value: int) -> None:

@@ -7,6 +7,7 @@ these classes, and :mod:`petseg.config.checks` checks what types alone cannot.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -34,13 +35,18 @@ class SparkConfig:
     conf: dict[str, str] = field(default_factory=dict)
 
 
+#: The reference recipe's image side, what ingest writes when data.image_size is null.
+RECIPE_IMAGE_SIZE = 128
+
+
 @dataclass
 class DataConfig:
     source: Source = MISSING
     input: Optional[str] = MISSING
     dataset: Optional[str] = MISSING
     rejects: Optional[str] = MISSING
-    image_size: int = MISSING
+    #: null: ingest writes RECIPE_IMAGE_SIZE, training takes the dataset's stored size.
+    image_size: Optional[int] = MISSING
     image_codec: Codec = MISSING
     #: Larger images (width x height) are refused by every stage before decoding.
     max_image_pixels: int = MISSING
@@ -145,3 +151,33 @@ class Config:
 def to_dict(cfg: Config | Any) -> dict[str, Any]:
     """A plain, picklable dict of a config (or one section), enums as their string values."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # type: ignore[return-value]
+
+
+#: What a credential's conf key holds: ``fs.s3a.secret.key``, ``fs.s3a.access.key``,
+#: ``fs.azure.account.key.<account>``, ``fs.azure.sas.<container>.<account>``, ``*password*``, ``*token*``,
+#: ``*.private.key*``, ``*credential*``. A plain ``key`` (``infer.key_column``) is not one.
+_SECRET_KEY = re.compile(
+    r"secret|passw(or)?d|token|credential|private[._]?key|access[._]?key|account[._]key|(^|[._])sas([._]|$)",
+    re.IGNORECASE,
+)
+#: What a redacted value reads as.
+REDACTED = "<redacted>"
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a (dotted) config or Spark conf key names a credential, whose value must not be shipped or logged."""
+    return bool(_SECRET_KEY.search(key))
+
+
+def redact_secrets(values: Any, *, prefix: str = "") -> Any:
+    """A copy of a nested dict (a config as :func:`to_dict` gives it) with every credential's value redacted.
+
+    Keys are judged by their full dotted path (``spark.conf.fs.s3a.secret.key``), by :func:`is_secret_key`.
+    """
+    if not isinstance(values, dict):
+        return values
+    redacted = {}
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        redacted[key] = REDACTED if is_secret_key(path) and value is not None else redact_secrets(value, prefix=path)
+    return redacted

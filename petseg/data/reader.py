@@ -99,8 +99,10 @@ def open_split(
     # petastorm resolves a partition predicate through the reader's field view, so the split
     # column must be among the fields read or make_reader fails with KeyError: 'split'.
     fields = list(dict.fromkeys([*fields, SPLIT, _ROW_KEY]))
+    reader_url, filesystem = urls.petastorm_source(dataset_url)
     with make_reader(
-        dataset_url,
+        reader_url,
+        filesystem=filesystem,
         schema_fields=fields,
         predicate=in_set({split}, SPLIT),
         cur_shard=shard,

@@ -37,6 +37,8 @@ from petseg.errors import ConfigError
 
 #: URL schemes the dataset writer and the Petastorm reader both understand.
 DATASET_SCHEMES = ("file", "hdfs", "viewfs", "s3a", "s3", "gs", "abfss", "dbfs")
+#: Databricks' mounts of shared storage: the same files on every node of its cluster, as local paths.
+SHARED_MOUNTS = ("/dbfs", "/Volumes")
 #: Schemes pyarrow has a file system of its own for (s3a:// is Hadoop's name for the same S3).
 _ARROW_SCHEMES = {"hdfs": "hdfs", "viewfs": "viewfs", "s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs"}
 
@@ -74,7 +76,7 @@ def split_url(url: str) -> Url:
     ValueError
         For a relative path, which only :func:`normalize_url` may resolve (against the driver's cwd).
     """
-    if _plain_path(url):  # no scheme ("C:/..." is a drive, not one)
+    if is_plain_path(url):  # no scheme ("C:/..." is a drive, not one)
         if not url.startswith("/"):
             raise ValueError(f"{url!r} is a relative path; pass an absolute path or a URL")
         return Url("file", "", url)
@@ -129,12 +131,18 @@ def petastorm_url(url: str, *, key: str) -> str:
 
 def is_local(url: str) -> bool:
     """Whether ``url`` is on the local file system (or a mount of it): a ``file:`` URL or a path."""
-    return _plain_path(url) or split_url(url).scheme == "file"
+    return is_plain_path(url) or split_url(url).scheme == "file"
 
 
-def _plain_path(url: str) -> bool:
+def is_plain_path(url: str) -> bool:
+    """Whether ``url`` is a path without a scheme (``runs/r1``, ``/data/pets``), not a URL (``file:///x``)."""
     match = _URL.match(url)
     return match is None or len(match.group("scheme")) == 1
+
+
+def on_shared_mount(path: str) -> bool:
+    """Whether an absolute local path lies under one of :data:`SHARED_MOUNTS` (``/dbfs/x``, ``/Volumes/x``)."""
+    return any(path == mount or path.startswith(mount + "/") for mount in SHARED_MOUNTS)
 
 
 def local_path(url: str) -> Path:
@@ -147,32 +155,93 @@ def local_path(url: str) -> Path:
     """
     if not is_local(url):
         raise ValueError(f"{url!r} is not on the local file system or a mount of it")
-    return Path(url) if _plain_path(url) else Path(split_url(url).path)
+    return Path(url) if is_plain_path(url) else Path(split_url(url).path)
+
+
+class Route(NamedTuple):
+    """Which library opens a URL: ``library`` (``pyarrow`` or ``fsspec``), its file system ``name`` (a
+    pyarrow class, or an fsspec protocol), the ``root`` URI to create it from, the ``path`` to pass it,
+    and the ``package``/``extra`` it needs where pyarrow has none of its own."""
+
+    library: str
+    name: str
+    root: str
+    path: str
+    package: str | None = None
+    extra: str | None = None
+
+
+#: Schemes pyarrow has no file system for, and the fsspec implementation and petseg extra that open them.
+FSSPEC_SCHEMES = {"abfss": ("abfs", "adlfs", "azure"), "abfs": ("abfs", "adlfs", "azure")}
+
+
+def filesystem_route(url: str) -> Route:
+    """The library, file system and path that open ``url`` (see the module docstring); nothing is created."""
+    parts = split_url(url)
+    if parts.scheme == "file":
+        return Route("pyarrow", "LocalFileSystem", "", parts.path)
+    arrow_scheme = _ARROW_SCHEMES.get(parts.scheme)
+    root = f"{arrow_scheme}://{parts.authority}"
+    if arrow_scheme in ("hdfs", "viewfs"):
+        return Route("pyarrow", "HadoopFileSystem", root, parts.path)
+    if arrow_scheme == "s3":
+        return Route("pyarrow", "S3FileSystem", root, parts.authority + parts.path)
+    if arrow_scheme == "gs":
+        return Route("pyarrow", "GcsFileSystem", root, parts.authority + parts.path)
+    protocol, package, extra = FSSPEC_SCHEMES.get(parts.scheme, (parts.scheme, None, None))
+    return Route("fsspec", protocol, f"{protocol}://{parts.authority}{parts.path}", "", package, extra)
 
 
 def arrow_filesystem(url: str) -> tuple[Any, str]:
-    """A pyarrow file system for ``url`` and the path to pass it (see the module docstring).
+    """A pyarrow file system for ``url`` and the path to pass it, as :func:`filesystem_route` says.
 
     Raises
     ------
     ImportError
-        From fsspec, naming the package a scheme needs (e.g. adlfs for ``abfss://``).
+        When the scheme needs a package that is not installed, naming it and petseg's extra for it
+        (``pip install 'petseg[azure]'`` for ``abfss://``).
     """
-    parts = split_url(url)
-    if parts.scheme == "file":
-        from pyarrow import fs
+    route = filesystem_route(url)
+    if route.library == "pyarrow":
+        if route.name == "LocalFileSystem":
+            from pyarrow import fs
 
-        return fs.LocalFileSystem(), parts.path
-    arrow_scheme = _ARROW_SCHEMES.get(parts.scheme)
-    if arrow_scheme in ("hdfs", "viewfs"):
-        return _arrow_root(f"{arrow_scheme}://{parts.authority}"), parts.path
-    if arrow_scheme is not None:
-        return _arrow_root(f"{arrow_scheme}://{parts.authority}"), parts.authority + parts.path
+            return fs.LocalFileSystem(), route.path
+        return _arrow_root(route.root), route.path
     import fsspec
     from pyarrow import fs
 
-    filesystem, path = fsspec.core.url_to_fs(url)  # fsspec keeps one instance per scheme and options
+    try:
+        filesystem, path = fsspec.core.url_to_fs(route.root)  # fsspec keeps one instance per scheme and options
+    except ImportError as exc:
+        if route.package is None:
+            raise
+        raise ImportError(
+            f"{url!r}: {split_url(url).scheme}:// is read through the {route.package} package, which is not "
+            f"installed ({exc}); pip install 'petseg[{route.extra}]' on the driver and every executor"
+        ) from None
     return fs.PyFileSystem(fs.FSSpecHandler(filesystem)), path
+
+
+def petastorm_source(url: str) -> tuple[str, Any]:
+    """``(dataset_url, filesystem)`` to pass Petastorm's ``make_reader`` for a dataset at ``url``.
+
+    A workaround for petastorm 0.13.1 on pyarrow 14 (the pins; see the README): Petastorm opens
+    ``file://`` itself, but for any other scheme its ``FilesystemResolver`` goes through fsspec (s3fs
+    for ``s3a://``, gcsfs for ``gs://``; it knows no ``abfss://``) and hands the fsspec object to
+    pyarrow's ``ParquetDataset``, which then takes its new Dataset API and fails with "Keyword
+    'validate_schema' is not yet supported with the new Dataset API". So petseg passes the file system
+    of :func:`arrow_filesystem`, behind pyarrow's legacy interface that this ``ParquetDataset`` calls,
+    with a ``file://`` URL of the path on it: Petastorm takes the path of a ``file://`` URL as it
+    stands (``fs_utils.get_dataset_path``), where it would import an fsspec package to strip any other.
+    """
+    if split_url(url).scheme == "file":
+        return url, None
+    from petseg.io.arrow_legacy import LegacyArrowFileSystem
+
+    filesystem, path = arrow_filesystem(url)
+    legacy = LegacyArrowFileSystem(filesystem, absolute=path.startswith("/"))
+    return "file://" + legacy.outer(path), legacy
 
 
 @lru_cache(maxsize=8)

@@ -182,6 +182,17 @@ def keras_module() -> Any:
     return keras
 
 
+def fetch_imagenet_weights() -> None:
+    """Download (or find in Keras' cache) VGG16's ImageNet weights in this process.
+
+    Raises
+    ------
+    RuntimeError
+        When they cannot be downloaded, saying how to provide them on a machine without internet.
+    """
+    _pretrained_encoder_weights("imagenet", [])
+
+
 def _pretrained_encoder_weights(encoder_weights: str, names: list[str]) -> dict[str, list[Any]]:
     """Load VGG16 conv weights (kernel, bias) for ``names`` from ImageNet or a local .h5 file."""
     keras = keras_module()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
@@ -9,9 +10,10 @@ from typing import Any, Callable
 
 from pyspark.sql import SparkSession
 
-from petseg.config import Config, to_dict
+from petseg.config import Config, redact_secrets, to_dict
 from petseg.data.reader import dataset_fingerprint, split_stats
 from petseg.errors import InputError
+from petseg.io import urls
 from petseg.io.fs import Storage
 from petseg.tracking import flatten, tracked_run
 from petseg.train import rundir
@@ -67,6 +69,76 @@ def check_gpu_confs(spark: SparkSession) -> None:
         )
 
 
+def dataset_stats(dataset_url: str) -> dict[str, tuple[int, int]]:
+    """``split -> (rows, row groups)`` of the dataset training reads, or a :class:`TrainError` that says why not.
+
+    "Run ingest first" only when there is no dataset there: a scheme whose package is missing, or
+    storage that refuses access, says so instead.
+    """
+    ingest_first = "run `petseg ingest` first, or fix data.dataset"
+    try:
+        stats = split_stats(dataset_url)
+    except FileNotFoundError:
+        raise TrainError(f"there is no dataset at data.dataset={dataset_url!r}; {ingest_first}") from None
+    except ImportError as exc:
+        raise TrainError(f"cannot open data.dataset: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise TrainError(
+            f"cannot read the dataset at data.dataset={dataset_url!r} ({exc}); check the URL and that this driver "
+            "may read that storage"
+        ) from None
+    if not stats:
+        raise TrainError(f"data.dataset={dataset_url!r} holds no split=train/ or split=test/ Parquet files; {ingest_first}")
+    missing = [s for s in ("train", "test") if stats.get(s, (0, 0))[0] == 0]
+    if missing:
+        raise TrainError(f"the dataset at {dataset_url} has no rows in split(s) {missing}; re-run ingest")
+    return stats
+
+
+def stored_image_size(dataset_url: str) -> int:
+    """The side of the images a dataset stores, from its Unischema (Petastorm's metadata, unpickled)."""
+    from petastorm.etl.dataset_metadata import get_schema_from_dataset_url
+
+    reader_url, filesystem = urls.petastorm_source(dataset_url)
+    return int(get_schema_from_dataset_url(reader_url, filesystem=filesystem).fields["image"].shape[0])
+
+
+def _image_size(cfg: Config) -> int:
+    """The dataset's image size, which training takes; a data.image_size the user set must agree with it."""
+    stored = stored_image_size(cfg.data.dataset)
+    asked = cfg.data.image_size
+    if asked is not None and asked != stored:
+        raise TrainError(
+            f"data.image_size={asked} but the dataset at {cfg.data.dataset} stores {stored}x{stored} images; leave "
+            f"data.image_size unset (null: training takes the dataset's size) or re-ingest with data.image_size={asked}"
+        )
+    from petseg.model.unet import validate_unet_args  # no TensorFlow import
+
+    try:
+        validate_unet_args(image_size=stored, n_depth=cfg.model.n_depth, encoder_weights=cfg.model.encoder_weights)
+    except ValueError as exc:
+        raise TrainError(f"the dataset at {cfg.data.dataset} stores {stored}x{stored} images: {exc}") from None
+    return stored
+
+
+def check_encoder_weights(cfg: Config) -> None:
+    """Fetch ImageNet weights on the driver, once, before any worker starts: where they cannot be
+    downloaded, every barrier task would fail the same way, retried, its message lost among theirs."""
+    if cfg.model.encoder_weights.strip().lower() != "imagenet":
+        return  # a .h5 path was checked with the config; none needs nothing
+    from petseg.model.unet import fetch_imagenet_weights
+
+    try:
+        fetch_imagenet_weights()
+    except RuntimeError as exc:
+        raise TrainError(str(exc)) from None
+
+
+def training_spec(cfg: Config, *, stats: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """What every worker receives (written to its job file): plain data, credentials' values redacted."""
+    return {"config": redact_secrets(to_dict(cfg)), "train_rows": stats["train"][0], "test_rows": stats["test"][0]}
+
+
 def run_train(spark: SparkSession, *, cfg: Config) -> TrainResult:
     """Train the U-Net on the ingested dataset with MirroredStrategyRunner and return the history.
 
@@ -80,8 +152,9 @@ def run_train(spark: SparkSession, *, cfg: Config) -> TrainResult:
     Raises
     ------
     TrainError
-        Before any training when the dataset is missing, a split has fewer row groups than workers,
-        or GPU training lacks Spark's GPU confs.
+        Before any training when the dataset is missing or unreadable, stores another image size than a
+        data.image_size set, a split has fewer row groups than workers, GPU training lacks Spark's GPU
+        confs, or ImageNet weights cannot be fetched on the driver.
     InputError
         When ``train.output_dir`` holds something other than a petseg run, which publishing would replace.
     TrainStopped
@@ -89,16 +162,12 @@ def run_train(spark: SparkSession, *, cfg: Config) -> TrainResult:
     """
     from spark_tensorflow_distributor import MirroredStrategyRunner
 
+    stats = dataset_stats(cfg.data.dataset)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=_image_size(cfg)))
     t = cfg.train
-    try:
-        stats = split_stats(cfg.data.dataset)
-    except (OSError, ValueError) as exc:
-        raise TrainError(f"cannot read the dataset at data.dataset={cfg.data.dataset!r} ({exc}); run `petseg ingest` first") from None
-    missing = [s for s in ("train", "test") if stats.get(s, (0, 0))[0] == 0]
-    if missing:
-        raise TrainError(f"the dataset at {cfg.data.dataset} has no rows in split(s) {missing}; re-run ingest")
     if t.use_gpu and not t.local_mode:
         check_gpu_confs(spark)
+    check_encoder_weights(cfg)
     # The runner refuses more than one CPU slot in local mode (one process on the driver); GPUs count.
     num_slots = 1 if (t.local_mode and not t.use_gpu) else t.num_slots
     runner = MirroredStrategyRunner(num_slots=num_slots, local_mode=t.local_mode, use_gpu=t.use_gpu,
@@ -115,14 +184,14 @@ def run_train(spark: SparkSession, *, cfg: Config) -> TrainResult:
     run = rundir.open_run(output_dir=t.output_dir,
                           identity=rundir.identity(cfg, dataset_fingerprint=dataset_fingerprint(cfg.data.dataset)))
     log.info("%s", run.note)
-    spec = {"config": to_dict(cfg), "train_rows": stats["train"][0], "test_rows": stats["test"][0],
-            "work_dir": run.work_dir, "run_id": run.run_id}
+    spec = {**training_spec(cfg, stats=stats), "work_dir": run.work_dir, "run_id": run.run_id}
     host = spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1")
     log.info("training on %d worker(s): %d train / %d test rows, global batch %d",
              workers, stats["train"][0], stats["test"][0], t.batch_size)
     from petseg.train.task import train_task
 
     sections = {name: to_dict(getattr(cfg, name)) for name in ("data", "model", "train")}
+    # tracked_run redacts credentials' values by key, as training_spec does for the workers' job file.
     with tracked_run(cfg.mlflow, name="petseg-train", params={**flatten(sections), "workers": workers},
                      tags={"petseg.job": "train"}) as tracked:
         if tracked is not None:
