@@ -99,7 +99,9 @@ def run_train(spark: SparkSession, *, cfg: Config) -> TrainResult:
     if t.batch_size % workers:
         raise TrainError(f"train.batch_size={t.batch_size} does not divide over {workers} workers; use a multiple of {workers}")
     spec = {"config": to_dict(cfg), "train_rows": stats["train"][0], "test_rows": stats["test"][0]}
-    host = spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1")
+    # Executors reach the driver at spark.driver.host; its sockets listen on spark.driver.bindAddress.
+    conf = spark.sparkContext.getConf()
+    host = conf.get("spark.driver.host", "127.0.0.1")
     log.info("training on %d worker(s): %d train / %d test rows, global batch %d",
              workers, stats["train"][0], stats["test"][0], t.batch_size)
     from petseg.train.task import train_task
@@ -109,7 +111,7 @@ def run_train(spark: SparkSession, *, cfg: Config) -> TrainResult:
                      tags={"petseg.job": "train"}) as tracked:
         if tracked is not None:
             spec["mlflow_run_id"] = tracked.run_id  # the chief writes it into the model's metadata
-        with progress_server(host=host) as (address, records):
+        with progress_server(host=host, bind=conf.get("spark.driver.bindAddress", host)) as (address, records):
             result = runner.run(train_task, spec=spec, progress_address=address)
         if tracked is not None:
             tracked.log_history(result["history"])
