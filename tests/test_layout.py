@@ -161,3 +161,16 @@ def test_every_path_the_readme_names_exists():
     rooms = {p.name if p.suffix == ".py" else f"{p.name}/" for p in PACKAGE.iterdir()
              if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").exists()}
     assert rooms - set(re.findall(r"\b(\w+\.py|\w+/)", block)) == set()
+
+
+def test_ingest_prints_no_petastorm_warnings(tmp_path):
+    # petastorm writes the dataset's metadata on the driver and in Spark tasks (Python workers); on a local
+    # master both print to this console.
+    done = subprocess.run([sys.executable, str(ROOT / "jobs" / "ingest.py"), "spark.master=local[1]", "data.source=synthetic",
+                           "data.synthetic_count=20", "data.image_size=32", "data.min_row_groups_per_split=2",
+                           f"data.dataset={tmp_path / 'pets'}"],
+                          capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ingest: read 20, written 20, rejected 0" in done.stdout
+    assert "Warning" not in done.stdout + done.stderr, done.stderr[-3000:]

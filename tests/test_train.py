@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -83,6 +84,32 @@ def test_stop_and_resume_continues_at_the_next_epoch(spark, tiny_dataset, tmp_pa
     assert "resuming from the backup at epoch 2" in messages
     assert not any(m.startswith("epoch 1/2") for m in messages)  # epoch 1 was not trained again
     assert [h["epoch"] for h in resumed.history] == [1, 2]
+
+
+#: Start-up chatter that must not reach a job's console: TensorFlow's C++ lines, petastorm's pyarrow
+#: warnings and prints, and the raw progress lines the driver already logs formatted.
+NOISE = ("oneDNN custom operations", "Could not find cuda drivers", "failed call to cuInit",
+         "absl::InitializeLog", "FutureWarning", "Cache cleanup complete", "petseg-progress")
+
+
+def test_the_train_job_prints_each_epoch_once_no_noise_and_its_failure_last(tiny_dataset, tmp_path):
+    """The console script on local[2], as a person runs it: the worker fails on purpose after epoch 1.
+
+    On a local master the executors' output is the driver's console, so everything a worker
+    prints, and everything the driver logs, lands in this process's stdout and stderr.
+    """
+    cmd = [sys.executable, "-m", "petseg.cli", "train", "spark.master=local[2]", f"data.dataset={tiny_dataset}",
+           f"train.output_dir={tmp_path / 'run'}", *TINY, "train.num_slots=1", "train.stop_after_epoch=1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_PYTHON", "TF_CPP_MIN_LOG_LEVEL")}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    console = done.stdout + done.stderr
+    assert done.returncode == 1, console[-4000:]
+    assert len(re.findall(r"epoch 1/2 loss=", console)) == 1, console[-4000:]
+    assert "worker 1/1 reads 32 of 32 train rows" in console
+    assert [noise for noise in NOISE if noise in console] == []
+    assert "Traceback" in done.stderr and "StoppedAfterEpoch" in done.stderr  # the worker's error is shown
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("petseg: train failed: ") and "stopped after epoch 1 as configured" in last, last
 
 
 def test_too_few_row_groups_and_missing_gpu_confs_fail_with_the_fix(spark, tiny_dataset, tmp_path):
@@ -172,6 +199,9 @@ def test_demo_learns(tmp_path):
            f"evaluate.output={tmp_path / 'eval'}"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
     assert done.returncode == 0, done.stderr[-4000:]
+    console = done.stdout + done.stderr  # executors' output included: the master is local
+    assert [len(re.findall(rf"epoch {e}/20 loss=", console)) for e in range(1, 21)] == [1] * 20
+    assert [noise for noise in NOISE if noise in console] == []
     final = json.loads((tmp_path / "run" / "history.json").read_text())[-1]
     assert final["val_pixel_accuracy"] >= 0.90, final
     assert min(final["val_iou_pet"], final["val_iou_background"], final["val_iou_border"]) > 0, final
