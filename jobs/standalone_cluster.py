@@ -5,8 +5,10 @@
 
 ``start`` runs one Master and the Workers with ``bin/spark-class`` (SPARK_HOME is the installed
 pyspark package), waits until the master reports every worker alive, records their process ids
-in ``<dir>/cluster.json`` and prints the master URL for ``spark-submit --master``. ``stop`` ends
-exactly those processes, by id. Logs go to ``<dir>/logs``.
+and command lines in ``<dir>/cluster.json`` and prints the master URL for ``spark-submit --master``.
+``stop`` ends exactly those processes, by id, and only while each id still runs the command line it
+started (an id the system has since given to another process is left alone). Every daemon, web UIs
+included, listens on 127.0.0.1 only. Logs go to ``<dir>/logs``.
 """
 
 from __future__ import annotations
@@ -38,13 +40,32 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _launch(args: list[str], *, log: Path, env: dict[str, str]) -> subprocess.Popen:
+def _launch(args: list[str], *, log: Path, env: dict[str, str], state: dict) -> subprocess.Popen:
+    """Start ``spark-class args`` and record its id and command line in ``state``."""
+    command = [str(spark_home() / "bin" / "spark-class"), *args]
     # spark-class ends in `exec java ...`, so the id we record is the JVM's own.
     with open(log, "ab") as out:
-        return subprocess.Popen(
-            [str(spark_home() / "bin" / "spark-class"), *args],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    state["pids"].append(process.pid)
+    state["commands"][str(process.pid)] = command
+    return process
+
+
+def _still_ours(pid: int, command: list[str] | None) -> bool:
+    """Whether process ``pid`` still runs ``command``: its arguments end its command line.
+
+    After spark-class's ``exec java`` the program and the options before them differ, but the
+    class and its arguments (unique ports and work folders) stay at the end.
+    """
+    if not command:
+        return False
+    try:
+        running = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    args = [arg.encode() for arg in command[1:]]
+    running = running[:-1] if running and running[-1] == b"" else running
+    return len(running) > len(args) and running[-len(args):] == args
 
 
 def _master_state(ui_port: int) -> dict | None:
@@ -61,24 +82,25 @@ def start(*, directory: Path, workers: int, cores: int, memory: str, timeout: fl
         raise SystemExit(f"{directory / STATE_FILE} exists: a cluster may be running; run `stop --dir {directory}` first")
     logs = directory / "logs"
     logs.mkdir(exist_ok=True)
-    env = dict(os.environ, SPARK_HOME=str(spark_home()), SPARK_LOG_DIR=str(logs), SPARK_NO_DAEMONIZE="1")
+    # --host binds the daemons' RPC; their web UIs bind SPARK_LOCAL_IP, else every interface.
+    env = dict(os.environ, SPARK_HOME=str(spark_home()), SPARK_LOG_DIR=str(logs), SPARK_NO_DAEMONIZE="1",
+               SPARK_LOCAL_IP=HOST)
     port, ui_port = _free_port(), _free_port()
     url = f"spark://{HOST}:{port}"
+    state: dict = {"master_url": url, "master_ui": f"http://{HOST}:{ui_port}", "pids": [], "commands": {}}
     master = _launch(
         ["org.apache.spark.deploy.master.Master", "--host", HOST, "--port", str(port), "--webui-port", str(ui_port)],
-        log=logs / "master.log", env=env,
+        log=logs / "master.log", env=env, state=state,
     )
-    state = {"master_url": url, "master_ui": f"http://{HOST}:{ui_port}", "pids": [master.pid]}
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2))  # written first, so `stop` can always clean up
     for i in range(workers):
         work_dir = directory / f"worker-{i}"
         work_dir.mkdir(exist_ok=True)
-        worker = _launch(
+        _launch(
             ["org.apache.spark.deploy.worker.Worker", "--host", HOST, "--cores", str(cores), "--memory", memory,
              "--work-dir", str(work_dir), "--webui-port", str(_free_port()), url],
-            log=logs / f"worker-{i}.log", env=env,
+            log=logs / f"worker-{i}.log", env=env, state=state,
         )
-        state["pids"].append(worker.pid)
         (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -97,7 +119,14 @@ def stop(*, directory: Path, grace: float = 20.0) -> None:
     state_file = directory / STATE_FILE
     if not state_file.exists():
         return
-    pids = json.loads(state_file.read_text())["pids"]
+    state = json.loads(state_file.read_text())
+    commands = state.get("commands", {})
+    pids = []
+    for pid in state["pids"]:
+        if _still_ours(pid, commands.get(str(pid))):
+            pids.append(pid)
+        elif _running(pid):
+            print(f"not signalling process {pid}: it no longer runs the command `start` gave it", file=sys.stderr)
     for pid in reversed(pids):  # workers first: each one ends its executors as it shuts down
         try:
             os.kill(pid, signal.SIGTERM)
@@ -107,7 +136,7 @@ def stop(*, directory: Path, grace: float = 20.0) -> None:
     for pid in pids:
         while time.monotonic() < deadline and _running(pid):
             time.sleep(0.2)
-        if _running(pid):
+        if _running(pid) and _still_ours(pid, commands.get(str(pid))):
             os.kill(pid, signal.SIGKILL)
     state_file.unlink()
 
@@ -123,6 +152,8 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:
+        pass  # another user's process: it exists
     return True
 
 

@@ -2,18 +2,19 @@
 
 The one way in for every entry point: the console script, ``python -m petseg.cli``, the spark-submit
 scripts in jobs/ and Databricks' python_wheel_task all call :func:`main`, which parses the arguments,
-runs the stage functions on the active session (or one it builds) and turns a failure into one
-readable line and a non-zero exit status.
+runs the stage functions on the active session (or one it builds) and turns any failure into one
+last line, ``petseg: <stage> failed: <reason>``, and a non-zero exit status.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from typing import TYPE_CHECKING, Sequence
 
 from petseg import config
-from petseg.errors import ConfigError, InputError
+from petseg.errors import ConfigError, InputError, traceback_reason
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -22,53 +23,102 @@ if TYPE_CHECKING:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``petseg <job> ...`` (``sys.argv[1:]`` when ``argv`` is None); return the exit status.
 
-    0 on success, 1 when the input cannot be used (:class:`~petseg.errors.InputError`), 2 on a bad
-    configuration (:class:`~petseg.errors.ConfigError`), each with one line on stderr.
+    0 on success, 2 on a bad configuration (:class:`~petseg.errors.ConfigError`), 1 on any other
+    failure. A failure ends with one line on stderr, ``petseg: <stage> failed: <reason>``; an
+    unexpected one (a Spark or JVM error, a bug) prints its full trace above that line.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)  # a line per gateway connection at INFO
+    args = list(sys.argv[1:] if argv is None else argv)
+    stage = args[0] if args and args[0] in config.JOBS else "command line"
     try:
-        invocation = config.parse_command_line(argv)
+        invocation = config.parse_command_line(args)
     except ConfigError as exc:
-        print(f"petseg: {exc}", file=sys.stderr)
+        print(f"petseg: {stage} failed: {failure_reason(exc)}", file=sys.stderr)
         return 2
-    from petseg.session import get_or_create
-
     cfg = invocation.config
-    spark = get_or_create(cfg.spark)
-    failure = None
+    current = _CurrentStage(stage=invocation.job)
+    spark = None
+    status, failure = 0, None
     try:
-        _run_stages(spark, invocation.job, cfg)
-    except InputError as exc:
-        failure = f"petseg {invocation.job}: {exc}"
+        from petseg.session import get_or_create
+
+        spark = get_or_create(cfg.spark)
+        _run_stages(spark, invocation.job, cfg, current)
+    except Exception as exc:  # noqa: BLE001 - every failure ends in the one line below
+        if not isinstance(exc, (InputError, ConfigError)):
+            traceback.print_exc()  # the full trace stays in the log, above the one line
+        status = 2 if isinstance(exc, ConfigError) else 1
+        failure = f"petseg: {current.stage} failed: {failure_reason(exc)}"
     finally:
         # Stop only a session petseg started itself: on Databricks, or under spark-submit, the
         # session belongs to the cluster or the submitter (stopping Databricks' context fails the job).
-        if cfg.spark.master is not None:
+        if spark is not None and cfg.spark.master is not None:
             spark.stop()
     if failure is not None:
-        print(failure, file=sys.stderr)  # last, after Spark's shutdown lines
-        return 1
-    return 0
+        print(failure, file=sys.stderr, flush=True)  # last, after Spark's shutdown lines
+    return status
 
 
-def _run_stages(spark: "SparkSession", job: str, cfg: config.Config) -> None:
+def failure_reason(exc: BaseException) -> str:
+    """What went wrong, on one line: petseg's own message, or the line of a JVM or Python error that says it.
+
+    petseg's errors (:class:`~petseg.errors.InputError`, :class:`~petseg.errors.ConfigError`) carry the
+    fix in their message. Anything else is named by its type and message; for an error from the JVM
+    that is the Java exception (``java.io.IOException: ...``), not py4j's "An error occurred while
+    calling o34.getFileSystem", and for a failed Spark task it is the task's Python exception.
+    """
+    if isinstance(exc, (InputError, ConfigError)):
+        return _one_line(str(exc))
+    text = _error_text(exc)
+    reason = traceback_reason(text) or next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return _one_line(reason or type(exc).__name__) + " (the full error is above)"
+
+
+def _error_text(exc: BaseException) -> str:
+    from py4j.protocol import Py4JJavaError
+    from pyspark.errors.exceptions.captured import CapturedException
+
+    if isinstance(exc, Py4JJavaError):
+        return str(exc.java_exception.toString())
+    if isinstance(exc, CapturedException):
+        # PySpark's AnalysisException and kin: the message without the JVM stack trace.
+        return f"{type(exc).__name__}: {exc.desc if exc.desc is not None else exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class _CurrentStage:
+    """The stage running now, so that a failure of ``demo`` names the stage that failed."""
+
+    def __init__(self, *, stage: str) -> None:
+        self.stage = stage
+
+
+def _run_stages(spark: "SparkSession", job: str, cfg: config.Config, current: _CurrentStage) -> None:
     if job in ("ingest", "demo"):
         from petseg.ingest import run_ingest
 
+        current.stage = "ingest"
         print(run_ingest(spark, data=cfg.data).format(), flush=True)
     if job in ("train", "demo"):
         from petseg.train import run_train
 
+        current.stage = "train"
         print(run_train(spark, cfg=cfg).format(), flush=True)
     if job in ("infer", "demo"):
         from petseg.infer import run_infer
 
+        current.stage = "infer"
         print(run_infer(spark, infer=cfg.infer, tracking=cfg.mlflow, max_image_pixels=cfg.data.max_image_pixels)
               .format(), flush=True)
     if job in ("evaluate", "demo"):
         from petseg.evaluate import run_evaluate
 
+        current.stage = "evaluate"
         print(run_evaluate(spark, evaluate=cfg.evaluate, max_image_pixels=cfg.data.max_image_pixels).format(), flush=True)
 
 

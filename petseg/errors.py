@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class ConfigError(ValueError):
     """A configuration that petseg cannot run; the message names the key, the value and the fix."""
@@ -31,3 +33,25 @@ class RejectedInput(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+#: A Python traceback's header, alone on its line or after the Java exceptions that carry it
+#: (``...SparkException: Job aborted ...: org.apache.spark.api.python.PythonException: Traceback ...``);
+#: never indented, as a traceback quoted inside an exception's message is.
+_TRACEBACK_HEADER = re.compile(r"^(?:\S.*: )?Traceback \(most recent call last\):\s*$")
+
+
+def traceback_reason(text: str) -> str | None:
+    """The ``Type: message`` line that ends the last Python traceback in ``text``, or None without one.
+
+    A failure that crossed a process (a Spark task, a training worker) reaches its caller as text;
+    this is the line of it that says what went wrong.
+    """
+    lines = text.splitlines()
+    headers = [i for i, line in enumerate(lines) if _TRACEBACK_HEADER.match(line)]
+    if not headers:
+        return None
+    for line in lines[headers[-1] + 1:]:
+        if line.strip() and not line[0].isspace():
+            return line.strip()
+    return None

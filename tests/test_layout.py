@@ -96,7 +96,8 @@ def test_jobs_end_a_bad_configuration_with_one_line(job):
     done = subprocess.run([sys.executable, str(ROOT / "jobs" / f"{job}.py"), "data.image_size=tiny"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith("petseg: bad value for config key 'data.image_size'")
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"petseg: {job} failed: bad value for config key 'data.image_size': Value 'tiny'")
 
 
 def test_a_job_ends_bad_input_with_one_line(tmp_path):
@@ -104,7 +105,39 @@ def test_a_job_ends_bad_input_with_one_line(tmp_path):
                            f"infer.model={tmp_path / 'no-run'}", f"infer.input={tmp_path}", f"infer.output={tmp_path / 'o'}"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYSPARK_PYTHON": sys.executable})
     assert done.returncode == 1, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines()[-1].startswith("petseg infer: model ") and "does not exist" in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("petseg: infer failed: model ") and "does not exist" in last
+
+
+def test_a_jvm_failure_ends_with_one_line_under_its_trace(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "jobs" / "ingest.py"), "spark.master=local[1]", "data.source=oxford",
+                           "data.input=hdfs://no host/pets", f"data.dataset={tmp_path / 'pets'}"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYSPARK_PYTHON": sys.executable})
+    assert done.returncode == 1, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1] == ("petseg: ingest failed: java.io.IOException: Incomplete HDFS URI, no host: "
+                         "hdfs://no%20host/pets/images (the full error is above)")
+    assert any(line.startswith("py4j.protocol.Py4JJavaError") for line in lines[:-1])  # the trace stays
+
+
+def test_the_reason_of_a_spark_failure_is_its_message_not_its_trace(spark, tmp_path):
+    from py4j.protocol import Py4JJavaError
+    from pyspark.errors import AnalysisException
+
+    from petseg.cli import failure_reason
+
+    with pytest.raises(AnalysisException) as missing:
+        spark.read.parquet(str(tmp_path / "nothing"))
+    assert failure_reason(missing.value) == (
+        f"AnalysisException: [PATH_NOT_FOUND] Path does not exist: file:{tmp_path / 'nothing'}. (the full error is above)"
+    )
+
+    def fail(_):
+        raise ValueError("row 7 has no image\nsecond line")
+
+    with pytest.raises(Py4JJavaError) as task:
+        spark.sparkContext.parallelize([1], 1).map(fail).collect()
+    assert failure_reason(task.value) == "ValueError: row 7 has no image (the full error is above)"
 
 
 def test_every_path_the_readme_names_exists():
@@ -128,3 +161,16 @@ def test_every_path_the_readme_names_exists():
     rooms = {p.name if p.suffix == ".py" else f"{p.name}/" for p in PACKAGE.iterdir()
              if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").exists()}
     assert rooms - set(re.findall(r"\b(\w+\.py|\w+/)", block)) == set()
+
+
+def test_ingest_prints_no_petastorm_warnings(tmp_path):
+    # petastorm writes the dataset's metadata on the driver and in Spark tasks (Python workers); on a local
+    # master both print to this console.
+    done = subprocess.run([sys.executable, str(ROOT / "jobs" / "ingest.py"), "spark.master=local[1]", "data.source=synthetic",
+                           "data.synthetic_count=20", "data.image_size=32", "data.min_row_groups_per_split=2",
+                           f"data.dataset={tmp_path / 'pets'}"],
+                          capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ingest: read 20, written 20, rejected 0" in done.stdout
+    assert "Warning" not in done.stdout + done.stderr, done.stderr[-3000:]

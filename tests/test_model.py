@@ -240,3 +240,23 @@ def test_learning_rate_warms_up_then_decays():
 def test_validate_unet_args_accepts_the_recipe_values():
     validate_unet_args(image_size=128, n_depth=5, encoder_weights="imagenet")
     validate_unet_args(image_size=32, n_depth=3, encoder_weights="none", freeze_encoder="false")
+
+
+def test_loading_a_model_keeps_tensorflow_start_up_chatter_off_the_console(exported_run):
+    """What an inference or evaluation task does in a fresh Python worker, whose stderr is the console on a
+    local master: load the model and predict. TensorFlow's start-up lines stay off stderr; other lines do not."""
+    code = (
+        "import sys, numpy as np; from petseg.model import artifact; "
+        "print('before the load', file=sys.stderr, flush=True); "
+        f"loaded = artifact.load({str(exported_run)!r}); "
+        "loaded.predict_labels(np.zeros((1, 32, 32, 3), np.uint8), batch_size=1); "
+        "print('after the load', file=sys.stderr)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**env, "TF_USE_LEGACY_KERAS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    noise = ("oneDNN custom operations", "Could not find cuda drivers", "failed call to cuInit", "absl::InitializeLog",
+             "To enable the following instructions")
+    assert [n for n in noise if n in done.stderr] == [], done.stderr
+    assert "before the load" in done.stderr and "after the load" in done.stderr

@@ -196,7 +196,7 @@ def test_a_killed_worker_leaves_no_process_and_restarts_resume_from_the_backup(s
     cfg = train_config(tmp_path, uneven_dataset, "train.num_slots=2", "train.epochs=3", "train.preview_images=0")
     # Without restarts the run fails, and the other worker's process ends with its task, at once.
     killed = kill_worker_1_at_the_next_backup(partial)
-    with pytest.raises(Exception, match="training worker 1 of 2 exited with code -9"):
+    with pytest.raises(Exception, match=r"training worker 1 of 2 failed \(exit code -9\)"):
         run_train(spark, cfg=cfg)
     assert killed, "the test never found worker 1's training process"
     deadline = time.monotonic() + 20
@@ -225,6 +225,32 @@ def test_stop_after_epoch_holds_on_executors_with_restarts(spark, tiny_dataset, 
                                           "train.stop_after_epoch=1", "train.preview_images=0"))
     assert epochs_recorded(tmp_path / "run.petseg-partial") == [1]
     assert training_processes() == {}
+
+
+#: Start-up chatter that must not reach a job's console: TensorFlow's C++ lines, petastorm's pyarrow
+#: warnings and prints, and the raw progress lines the driver already logs formatted.
+NOISE = ("oneDNN custom operations", "Could not find cuda drivers", "failed call to cuInit",
+         "absl::InitializeLog", "FutureWarning", "Cache cleanup complete", "petseg-progress")
+
+
+def test_the_train_job_prints_each_epoch_once_no_noise_and_its_failure_last(tiny_dataset, tmp_path):
+    """The console script on local[2], as a person runs it: the worker fails on purpose after epoch 1.
+
+    On a local master the executors' output is the driver's console, so everything a worker
+    prints, and everything the driver logs, lands in this process's stdout and stderr.
+    """
+    cmd = [sys.executable, "-m", "petseg.cli", "train", "spark.master=local[2]", f"data.dataset={tiny_dataset}",
+           f"train.output_dir={tmp_path / 'run'}", *TINY, "train.num_slots=1", "train.stop_after_epoch=1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_PYTHON", "TF_CPP_MIN_LOG_LEVEL")}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    console = done.stdout + done.stderr
+    assert done.returncode == 1, console[-4000:]
+    assert len(re.findall(r"epoch 1/2 loss=", console)) == 1, console[-4000:]
+    assert "worker 1/1 reads 32 of 32 train rows" in console
+    assert [noise for noise in NOISE if noise in console] == []
+    assert "Traceback" in done.stderr and "StoppedAfterEpoch" in done.stderr  # the worker's error is shown
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("petseg: train failed: ") and "stopped after epoch 1 as configured" in last, last
 
 
 def test_too_few_row_groups_and_missing_gpu_confs_fail_with_the_fix(spark, tiny_dataset, tmp_path):
@@ -314,6 +340,9 @@ def test_demo_learns(tmp_path):
            f"evaluate.output={tmp_path / 'eval'}"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
     assert done.returncode == 0, done.stderr[-4000:]
+    console = done.stdout + done.stderr  # executors' output included: the master is local
+    assert [len(re.findall(rf"epoch {e}/20 loss=", console)) for e in range(1, 21)] == [1] * 20
+    assert [noise for noise in NOISE if noise in console] == []
     final = json.loads((tmp_path / "run" / "history.json").read_text())[-1]
     assert final["val_pixel_accuracy"] >= 0.90, final
     assert min(final["val_iou_pet"], final["val_iou_background"], final["val_iou_border"]) > 0, final

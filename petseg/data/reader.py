@@ -17,7 +17,7 @@ from petastorm import make_reader
 from petastorm.predicates import in_set
 from petastorm.reader import Reader
 
-from petseg.data.schema import SPLIT, SPLITS
+from petseg.data.schema import SPLIT, SPLITS, ignore_petastorm_pyarrow_deprecations
 from petseg.io import urls
 
 if TYPE_CHECKING:
@@ -99,6 +99,7 @@ def open_split(
     # petastorm resolves a partition predicate through the reader's field view, so the split
     # column must be among the fields read or make_reader fails with KeyError: 'split'.
     fields = list(dict.fromkeys([*fields, SPLIT, _ROW_KEY]))
+    ignore_petastorm_pyarrow_deprecations()
     reader_url, filesystem = urls.petastorm_source(dataset_url)
     with make_reader(
         reader_url,

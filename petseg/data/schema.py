@@ -6,6 +6,7 @@ where petastorm is not (inference and evaluation on executors, Spark 4 environme
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 from pyspark.sql.types import IntegerType, StringType, StructField, StructType
@@ -17,6 +18,19 @@ if TYPE_CHECKING:
 #: so a worker that reads one split never receives a row group of another.
 SPLIT = "split"
 SPLITS = ("train", "test")
+
+
+
+def ignore_petastorm_pyarrow_deprecations() -> None:
+    """Keep petastorm's calls into pyarrow's deprecated API from printing FutureWarnings.
+
+    petastorm 0.13.1 still uses pyarrow's legacy ParquetDataset and ``pyarrow.localfs``, deprecated
+    but working on the pinned pyarrow 14 (uber/petastorm#800, uber/petastorm#805): a screenful of
+    warnings each time a dataset is written or a reader opened. Only warnings attributed to petastorm's
+    own modules are ignored, so pyarrow's warnings about petseg's code still show.
+    """
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"petastorm(\.|$)")
+
 
 REJECTS_SCHEMA = StructType(
     [

@@ -18,7 +18,7 @@ from pyspark.sql.types import BinaryType, IntegerType, StructField, StructType
 
 from petseg.config import DataConfig, Source
 from petseg.data.decode import DEFAULT_MAX_IMAGE_PIXELS, prepare_example
-from petseg.data.schema import REJECTS_SCHEMA, SPLIT, pet_schema
+from petseg.data.schema import REJECTS_SCHEMA, SPLIT, ignore_petastorm_pyarrow_deprecations, pet_schema
 from petseg.errors import InputError, RejectedInput
 from petseg.ingest.pairs import PAIRS_SCHEMA
 from petseg.io.fs import Storage
@@ -144,6 +144,7 @@ def write_dataset(spark: SparkSession, examples: DataFrame, *, url: str, data: D
     """
     schema = pet_schema(image_size=data.image_size, image_codec=data.image_codec.value)
     columns = [name for name in schema.fields if name != SPLIT]
+    ignore_petastorm_pyarrow_deprecations()
     with Storage(spark).atomic_output(url) as tmp:
         with materialize_dataset(spark, tmp, schema, data.rowgroup_size_mb):
             for split, rows in sorted(split_rows.items()):

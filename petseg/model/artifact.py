@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from petseg import env
 from petseg.data.decode import CLASSES
 from petseg.errors import InputError
 from petseg.io import urls
@@ -217,10 +218,11 @@ def load(uri: str, *, threads: int | None = None, version: str | None = None) ->
         if key not in _CACHE:
             from petseg.model.unet import keras_module
 
-            keras = keras_module()
-            if threads:
-                _limit_threads(threads)
-            model = keras.models.load_model(str(artifact.model_dir), compile=False)
+            with env.quiet_tensorflow_start_up():  # on an executor its stderr is the job's console
+                keras = keras_module()
+                if threads:
+                    _limit_threads(threads)
+                model = keras.models.load_model(str(artifact.model_dir), compile=False)
             for stale in [k for k in _CACHE if k[0] == uri]:
                 del _CACHE[stale]  # an older version of this run: nothing will ask for it again
             _CACHE[key] = LoadedModel(artifact, model, _logits_function(model, artifact.image_size))

@@ -185,7 +185,9 @@ def run_train(spark: SparkSession, *, cfg: Config) -> TrainResult:
                           identity=rundir.identity(cfg, dataset_fingerprint=dataset_fingerprint(cfg.data.dataset)))
     log.info("%s", run.note)
     spec = {**training_spec(cfg, stats=stats), "work_dir": run.work_dir, "run_id": run.run_id}
-    host = spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1")
+    # Executors reach the driver at spark.driver.host; its sockets listen on spark.driver.bindAddress.
+    conf = spark.sparkContext.getConf()
+    host = conf.get("spark.driver.host", "127.0.0.1")
     log.info("training on %d worker(s): %d train / %d test rows, global batch %d",
              workers, stats["train"][0], stats["test"][0], t.batch_size)
     from petseg.train.task import train_task
@@ -196,7 +198,7 @@ def run_train(spark: SparkSession, *, cfg: Config) -> TrainResult:
                      tags={"petseg.job": "train"}) as tracked:
         if tracked is not None:
             spec["mlflow_run_id"] = tracked.run_id  # the chief writes it into the model's metadata
-        with progress_server(host=host) as (address, records):
+        with progress_server(host=host, bind=conf.get("spark.driver.bindAddress", host)) as (address, records):
             result = _run_with_restarts(lambda: runner.run(train_task, spec=spec, progress_address=address),
                                         restarts=t.max_restarts)
         if "stopped_after_epoch" in result:
@@ -233,5 +235,5 @@ def _run_with_restarts(run: Callable[[], dict[str, Any]], *, restarts: int) -> d
 def _failure_reason(exc: BaseException) -> str:
     """The worker's own line out of a failed barrier stage's Java trace, else the error's first line."""
     text = str(exc)
-    found = re.search(r"training worker \d+ of \d+ exited with code -?\d+", text)
+    found = re.search(r"training worker \d+ of \d+ failed \(exit code -?\d+\)", text)
     return found.group(0) if found else (text.strip().splitlines() or [type(exc).__name__])[0][:300]

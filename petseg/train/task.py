@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,16 +21,19 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from petseg import env
+from petseg import env, errors
 from petseg.train.loop import PROGRESS_PREFIX
-from petseg.train.progress import ProgressClient
+from petseg.train.progress import ProgressAddress, ProgressClient
 
 
-def train_task(*, spec: dict[str, Any], progress_address: tuple[str, int] | None) -> dict[str, Any]:
+def train_task(*, spec: dict[str, Any], progress_address: ProgressAddress | None) -> dict[str, Any]:
     """Run one worker's training in a fresh Python process and return its result.
 
     Top-level and picklable: it is shipped to the executors by the runner. ``spec`` carries plain
     data only (the config as a dict, the row counts); the worker's rank comes from the barrier task.
+    Progress lines go to the driver's server (``progress_address``, with the run's secret) and, only
+    when they cannot, to the executor's log; the process's other output goes to the executor's log,
+    less start-up chatter (see :func:`_is_noise`).
     """
     rank, workers = _rank_and_workers()
     with tempfile.TemporaryDirectory(prefix="petseg-train-") as tmp:
@@ -47,19 +51,25 @@ def train_task(*, spec: dict[str, Any], progress_address: tuple[str, int] | None
                 assert proc.stdout is not None
                 for line in proc.stdout:
                     line = line.rstrip("\n")
+                    if _is_noise(line):
+                        continue
+                    # On a local master the executor's log is the driver's console: a line the driver
+                    # already logs as progress is not printed a second time, nor repeated in an error.
+                    if line.startswith(PROGRESS_PREFIX) and client.send(line[len(PROGRESS_PREFIX):]):
+                        continue
                     tail.append(line)
                     print(f"[petseg worker {rank}] {line}", file=sys.stderr, flush=True)  # the executor's log
-                    if line.startswith(PROGRESS_PREFIX):
-                        client.send(line[len(PROGRESS_PREFIX):])
             finally:
                 # However the task ends (an error, Spark's interrupt), no training process outlives it
                 # to write backups beside a retry's.
                 _end_process_group(proc)
         client.close()
         if proc.returncode != 0:
+            reason = errors.traceback_reason("\n".join(tail)) or "no Python traceback"
             raise RuntimeError(
-                f"training worker {rank} of {workers} exited with code {proc.returncode}; last output:\n"
-                + "\n".join(tail)
+                f"training worker {rank} of {workers} failed (exit code {proc.returncode}): "
+                + _SHORT_EXCEPTION_NAME.sub(r"\1", reason) + "\nits last output:\n"
+                + "\n".join(f"  | {line}" for line in tail)
             )
         return json.loads(result_file.read_text())
 
@@ -87,6 +97,16 @@ def _end_process_group(proc: subprocess.Popen, *, grace_seconds: float = 10.0) -
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # anything it started and left behind, or itself after the grace
     proc.wait()
+
+
+#: ``package.module.SomeError: message`` -> ``SomeError: message``.
+_SHORT_EXCEPTION_NAME = re.compile(r"^(?:\w+\.)+(\w+: )")
+
+
+def _is_noise(line: str) -> bool:
+    """Whether a line of the training process would only bury the epochs: TensorFlow's start-up
+    chatter, and petastorm's ``Cache cleanup complete.``, printed each time a reader stops."""
+    return line == "Cache cleanup complete." or env.is_tensorflow_start_up_noise(line)
 
 
 def _rank_and_workers() -> tuple[int, int]:
