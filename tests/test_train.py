@@ -234,7 +234,7 @@ NOISE = ("oneDNN custom operations", "Could not find cuda drivers", "failed call
 
 
 def test_the_train_job_prints_each_epoch_once_no_noise_and_its_failure_last(tiny_dataset, tmp_path):
-    """The console script on local[2], as a person runs it: the worker fails on purpose after epoch 1.
+    """The console script on local[2], as a person runs it: the run stops on purpose after epoch 1.
 
     On a local master the executors' output is the driver's console, so everything a worker
     prints, and everything the driver logs, lands in this process's stdout and stderr.
@@ -248,7 +248,7 @@ def test_the_train_job_prints_each_epoch_once_no_noise_and_its_failure_last(tiny
     assert len(re.findall(r"epoch 1/2 loss=", console)) == 1, console[-4000:]
     assert "worker 1/1 reads 32 of 32 train rows" in console
     assert [noise for noise in NOISE if noise in console] == []
-    assert "Traceback" in done.stderr and "StoppedAfterEpoch" in done.stderr  # the worker's error is shown
+    assert "failed (exit code" not in console  # a stop is a clean end of every worker, not a crash to retry
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("petseg: train failed: ") and "stopped after epoch 1 as configured" in last, last
 
