@@ -319,7 +319,7 @@ def test_inference_that_segments_nothing_fails_with_one_line(spark, run_dir, tmp
     capsys.readouterr()
     assert _cli(spark, "infer", f"infer.model={run_dir}", f"infer.input={bad}", f"infer.output={tmp_path / 'o3'}") == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("petseg infer: none of the 2 rows of infer.input=") and "error column" in err[-1]
+    assert err[-1].startswith("petseg: infer failed: none of the 2 rows of infer.input=") and "error column" in err[-1]
     assert _cli(spark, "infer", f"infer.model={run_dir}", f"infer.input={empty}", f"infer.output={tmp_path / 'o4'}") == 1
     assert "holds no rows to segment" in capsys.readouterr().err.strip().splitlines()[-1]
 

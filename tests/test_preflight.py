@@ -62,7 +62,7 @@ def test_the_cli_fails_with_one_line_naming_the_key_before_spark_starts(capsys):
     status = cli.main(["train", CLUSTER, *TRAIN, "data.dataset=hdfs://nn/pets", "train.output_dir=runs/r1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1
-    assert err[0].startswith("petseg: train.output_dir='runs/r1' is a path on the driver's own disk")
+    assert err[0].startswith("petseg: train failed: train.output_dir='runs/r1' is a path on the driver's own disk")
 
 
 @pytest.mark.parametrize(

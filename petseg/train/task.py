@@ -47,6 +47,9 @@ def train_task(*, spec: dict[str, Any], progress_address: ProgressAddress | None
         with subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env=env.training_process_environment(), start_new_session=True,
                               preexec_fn=_die_with_parent) as proc:
+            # Which executor runs which worker, and the pid to look for: the executor's log says it once.
+            print(f"[petseg worker {rank}] training process {proc.pid} started, worker {rank + 1} of {workers}",
+                  file=sys.stderr, flush=True)
             try:
                 assert proc.stdout is not None
                 for line in proc.stdout:
