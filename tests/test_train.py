@@ -230,7 +230,8 @@ def test_stop_after_epoch_holds_on_executors_with_restarts(spark, tiny_dataset, 
 #: Start-up chatter that must not reach a job's console: TensorFlow's C++ lines, petastorm's pyarrow
 #: warnings and prints, and the raw progress lines the driver already logs formatted.
 NOISE = ("oneDNN custom operations", "Could not find cuda drivers", "failed call to cuInit",
-         "absl::InitializeLog", "FutureWarning", "Cache cleanup complete", "petseg-progress")
+         "absl::InitializeLog", "FutureWarning", "Cache cleanup complete", "petseg-progress",
+         "Unable to restore custom metric")
 
 
 def test_the_train_job_prints_each_epoch_once_no_noise_and_its_failure_last(tiny_dataset, tmp_path):

@@ -216,13 +216,16 @@ def load(uri: str, *, threads: int | None = None, version: str | None = None) ->
     key = (uri, artifact.version)
     with _LOCK:
         if key not in _CACHE:
+            from petseg.model.losses import custom_objects
             from petseg.model.unet import keras_module
 
             with env.quiet_tensorflow_start_up():  # on an executor its stderr is the job's console
                 keras = keras_module()
                 if threads:
                     _limit_threads(threads)
-                model = keras.models.load_model(str(artifact.model_dir), compile=False)
+                # The SavedModel names the metrics it was compiled with (petseg's own classes): without
+                # them Keras warns on every load that it cannot restore them, though nothing needs them.
+                model = keras.models.load_model(str(artifact.model_dir), compile=False, custom_objects=custom_objects())
             for stale in [k for k in _CACHE if k[0] == uri]:
                 del _CACHE[stale]  # an older version of this run: nothing will ask for it again
             _CACHE[key] = LoadedModel(artifact, model, _logits_function(model, artifact.image_size))
