@@ -127,6 +127,15 @@ def data_config(**overrides) -> config.DataConfig:
     return config.load(overrides=items).data
 
 
+def synthetic_dataset(spark, folder: Path, **overrides) -> str:
+    """Ingest synthetic pets into ``folder/pets`` with data ``overrides``; return the dataset URL."""
+    from petseg.ingest import run_ingest
+
+    data = data_config(source="synthetic", dataset=str(folder / "pets"), **overrides)
+    run_ingest(spark, data=data)
+    return data.dataset
+
+
 @pytest.fixture(scope="session")
 def exported_run(tmp_path_factory) -> Path:
     """A training run's folder as inference reads it: a small untrained 32x32 U-Net and its metadata."""

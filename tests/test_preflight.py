@@ -82,15 +82,11 @@ def test_what_the_workers_would_refuse_fails_on_the_driver(tmp_path, override, m
 
 @pytest.fixture(scope="module")
 def small_dataset(spark, tmp_path_factory):
-    from conftest import data_config
-
-    from petseg.ingest import run_ingest
+    from conftest import synthetic_dataset
 
     # 40: divisible by 2 (n_depth 2) but not by 16 (n_depth 5).
-    data = data_config(source="synthetic", dataset=str(tmp_path_factory.mktemp("preflight") / "pets"),
-                       synthetic_count=24, image_size=40, min_row_groups_per_split=2)
-    run_ingest(spark, data=data)
-    return data.dataset
+    return synthetic_dataset(spark, tmp_path_factory.mktemp("preflight"), synthetic_count=24, image_size=40,
+                             min_row_groups_per_split=2)
 
 
 def _train_on(dataset: str, tmp_path, *overrides: str) -> config.Config:

@@ -5,7 +5,6 @@ from collections import Counter
 import pytest
 
 from petseg.data.reader import IncompleteReadError, _cut_epochs, open_split, shard_rows, split_stats
-from petseg.ingest import run_ingest
 
 #: Reads of one split in the repeat test. On petastorm's own num_epochs=1 read, 10 of 30 such reads
 #: came back short here (whole row groups missing), so 30 catches the loss with near certainty.
@@ -14,12 +13,10 @@ READS = 30
 
 @pytest.fixture(scope="module")
 def nine_groups(spark, tmp_path_factory):
-    from conftest import data_config
+    from conftest import synthetic_dataset
 
-    data = data_config(source="synthetic", dataset=str(tmp_path_factory.mktemp("reader") / "pets"),
-                       synthetic_count=375, image_size=32, min_row_groups_per_split=9)
-    run_ingest(spark, data=data)
-    return data.dataset
+    return synthetic_dataset(spark, tmp_path_factory.mktemp("reader"), synthetic_count=375, image_size=32,
+                             min_row_groups_per_split=9)
 
 
 def test_every_read_of_a_split_is_complete(nine_groups):

@@ -12,14 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import load_job_config
+from conftest import load_job_config, synthetic_dataset
 
 from petseg import config
 from petseg.config import ConfigError
 from petseg.data.reader import row_groups_per_split, rows_per_shard
 from petseg.errors import InputError
 from petseg.evaluate import run_evaluate
-from petseg.ingest.convert import run_ingest
 from petseg.model import artifact
 from petseg.train import TrainError, TrainStopped, run_train
 
@@ -32,16 +31,10 @@ def train_config(tmp_path: Path, dataset: str, *extra: str) -> config.Config:
                        job="train")
 
 
-def synthetic_dataset(spark, folder: Path, *, count: int, row_groups: int) -> str:
-    data = config.load(overrides=["data.source=synthetic", f"data.dataset={folder / 'pets'}", f"data.synthetic_count={count}",
-                                  "data.image_size=32", f"data.min_row_groups_per_split={row_groups}"]).data
-    run_ingest(spark, data=data)
-    return data.dataset
-
-
 @pytest.fixture(scope="module")
 def tiny_dataset(spark, tmp_path_factory):
-    return synthetic_dataset(spark, tmp_path_factory.mktemp("train-data"), count=40, row_groups=2)
+    return synthetic_dataset(spark, tmp_path_factory.mktemp("train-data"), synthetic_count=40, image_size=32,
+                             min_row_groups_per_split=2)
 
 
 @pytest.mark.parametrize(
@@ -130,7 +123,8 @@ def test_a_rerun_into_the_same_folder_reports_only_its_own_epochs(spark, tiny_da
 @pytest.fixture(scope="module")
 def uneven_dataset(spark, tmp_path_factory):
     """10 test rows in row groups of 2, 3, 2 and 3: two workers' test shards hold 4 and 6 rows."""
-    dataset = synthetic_dataset(spark, tmp_path_factory.mktemp("uneven-data"), count=50, row_groups=3)
+    dataset = synthetic_dataset(spark, tmp_path_factory.mktemp("uneven-data"), synthetic_count=50, image_size=32,
+                                min_row_groups_per_split=3)
     assert rows_per_shard(dataset, split="test", shard_count=2) == [4, 6]
     return dataset
 
