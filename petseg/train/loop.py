@@ -50,8 +50,6 @@ def main(job_file: str) -> None:
     """Entry point of the training process: run :func:`train` on a job file, write its result next to it."""
     import warnings
 
-    # petastorm 0.13.1 calls pyarrow's legacy dataset API, deprecated but working on pyarrow 14.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="petastorm")
     warnings.filterwarnings("ignore", message="Tensorflow will convert all unicode strings", category=UnicodeWarning)
     spec = json.loads(Path(job_file).read_text())
     try:
