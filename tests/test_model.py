@@ -260,3 +260,25 @@ def test_loading_a_model_keeps_tensorflow_start_up_chatter_off_the_console(expor
              "To enable the following instructions")
     assert [n for n in noise if n in done.stderr] == [], done.stderr
     assert "before the load" in done.stderr and "after the load" in done.stderr
+
+
+def test_inference_mode_scores_the_training_images_as_training_does():
+    """After a few epochs, the model in inference mode fits the images it trains on as well as in training.
+
+    BatchNormalization normalises a training batch by its own statistics but an inference batch by
+    moving averages: if those lag the weights (a momentum too slow for the steps taken, as with
+    Keras's 0.99 over a small dataset's few steps per epoch), validation trails training badly.
+    """
+    tf.keras.utils.set_random_seed(0)
+    x, y = _tiny_pets(64, 32)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).map(lambda a, b: (preprocess(a, "unit_scale"), b))
+    model = build_unet(image_size=32, n_depth=3, seed=0)
+    model.compile(optimizer=make_optimizer(learning_rate=1e-3, warmup_steps=8, total_steps=80),
+                  loss=segmentation_loss(), metrics=segmentation_metrics())
+    # 5 epochs of 8 steps of batch 8: the first epochs of a from-scratch run on a small set of real
+    # photos. Measured: inference mode 0.43 against 0.87 with momentum 0.99, 0.89 with 0.9.
+    fitted = model.fit(data.shuffle(64, seed=0).batch(8).repeat(), steps_per_epoch=8, epochs=5, verbose=0).history
+    training_mode = fitted["pixel_accuracy"][-1]
+    inference_mode = model.evaluate(data.batch(8), verbose=0, return_dict=True)["pixel_accuracy"]
+    assert training_mode > 0.6, fitted
+    assert inference_mode > training_mode - 0.05, (inference_mode, fitted)

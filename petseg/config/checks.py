@@ -100,7 +100,8 @@ def _validate_model(cfg: Config) -> None:
     try:
         # Unset, the size is the dataset's, checked against n_depth when training opens it.
         image_size = cfg.data.image_size or 2 ** (min(max(m.n_depth, 1), 5) - 1)
-        validate_unet_args(image_size=image_size, n_depth=m.n_depth, encoder_weights=m.encoder_weights)
+        validate_unet_args(image_size=image_size, n_depth=m.n_depth, encoder_weights=m.encoder_weights,
+                           batch_norm_momentum=m.batch_norm_momentum)
     except ValueError as exc:
         raise ConfigError(f"model/data config: {exc}") from None
 

@@ -86,6 +86,7 @@ class ModelConfig:
     mixed_precision: Precision = MISSING
     jit_compile: bool = MISSING
     dice_weight: float = MISSING
+    batch_norm_momentum: float = MISSING
 
 
 @dataclass

@@ -83,6 +83,8 @@ def validate_unet_args(
     dropout: float = 0.5,
     freeze_encoder: str | bool = "auto",
     encoder_batch_norm: str | bool = "auto",
+    width: float = 1.0,
+    batch_norm_momentum: float = 0.9,
 ) -> None:
     """Check the U-Net arguments without TensorFlow, so configs fail before any Spark or TF work.
 
@@ -101,6 +103,8 @@ def validate_unet_args(
         Bottleneck dropout rate in [0, 1).
     freeze_encoder, encoder_batch_norm
         "auto", True or False (also the strings "true"/"false").
+    width, batch_norm_momentum
+        See :func:`build_unet`.
 
     Raises
     ------
@@ -129,6 +133,17 @@ def validate_unet_args(
     for name, value in (("freeze_encoder", freeze_encoder), ("encoder_batch_norm", encoder_batch_norm)):
         _resolve_auto_bool(value, auto=False, name=name)
     _validate_encoder_weights(encoder_weights)
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0.0 < width <= 1.0:
+        raise ValueError(f"width={width!r} is not allowed; use a multiplier of VGG16's channels in (0, 1], e.g. 0.5")
+    if width != 1.0 and is_pretrained(encoder_weights):
+        raise ValueError(
+            f"width={width} needs encoder_weights='none': pretrained VGG16 weights ({encoder_weights!r}) have "
+            f"VGG16's own channel counts; use width 1.0 with them"
+        )
+    if isinstance(batch_norm_momentum, bool) or not isinstance(batch_norm_momentum, (int, float)) \
+            or not 0.0 <= batch_norm_momentum < 1.0:
+        raise ValueError(f"batch_norm_momentum={batch_norm_momentum!r} is not allowed; use a number in [0, 1), "
+                         f"e.g. 0.9")
 
 
 def _validate_encoder_weights(encoder_weights: str) -> None:
@@ -236,6 +251,8 @@ def build_unet(
     freeze_encoder: str | bool = "auto",
     encoder_batch_norm: str | bool = "auto",
     dropout: float = 0.5,
+    width: float = 1.0,
+    batch_norm_momentum: float = 0.9,
     seed: int | None = None,
 ) -> "tf.keras.Model":
     """Build the tutorial's VGG16 U-Net, returning per-pixel logits.
@@ -260,6 +277,16 @@ def build_unet(
         BN); True/False force it.
     dropout
         Bottleneck dropout rate.
+    width
+        Multiplier of VGG16's channels (64 ... 512), rounded to multiples of 8: the same blocks,
+        depth and skip table at a fraction of the cost (0.5 costs about a quarter of the FLOPs).
+        Only with ``encoder_weights="none"``: pretrained weights have VGG16's own widths.
+    batch_norm_momentum
+        Momentum of every BatchNormalization's moving statistics, which inference and validation
+        use. 0.9 (PyTorch's default; Keras's is 0.99) lets them follow the weights within about
+        ten steps: at 0.99 a from-scratch run's first epochs over a small dataset (tens of steps
+        each) validate with statistics still mostly those of the random initial weights, measured
+        as 0.23 pixel accuracy in inference mode against 0.83 in training mode after 24 steps.
     seed
         Seeds the initialisers and the dropout for a reproducible model; None for random.
 
@@ -286,6 +313,8 @@ def build_unet(
         dropout=dropout,
         freeze_encoder=freeze_encoder,
         encoder_batch_norm=encoder_batch_norm,
+        width=width,
+        batch_norm_momentum=batch_norm_momentum,
     )
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ValueError(f"seed={seed!r} is not allowed; use a non-negative integer, or None for a random model")
@@ -307,7 +336,8 @@ def build_unet(
     encoder_layers: list[Any] = []
     skips: list[Any] = []
     conv_names: list[str] = []
-    for b, (n_convs, filters) in enumerate(_VGG16_BLOCKS[:n_depth], start=1):
+    for b, (n_convs, vgg_filters) in enumerate(_VGG16_BLOCKS[:n_depth], start=1):
+        filters = max(8, round(vgg_filters * width / 8) * 8)
         if b > 1:
             pool = layers.MaxPooling2D(2, strides=2, name=f"block{b - 1}_pool")
             encoder_layers.append(pool)
@@ -317,7 +347,7 @@ def build_unet(
             if use_bn:
                 unit = [
                     layers.Conv2D(filters, 3, padding="same", kernel_initializer=he(), name=f"{name}_conv"),
-                    layers.BatchNormalization(name=f"{name}_bn"),
+                    layers.BatchNormalization(momentum=batch_norm_momentum, name=f"{name}_bn"),
                     layers.ReLU(name=name),
                 ]
             else:
@@ -346,7 +376,7 @@ def build_unet(
             filters, 3, strides=2, padding="same", kernel_initializer=he(), name=f"decoder{i}_up"
         )(x)
         x = layers.Concatenate(name=f"decoder{i}_concat")([x, skips[i]])
-        x = layers.BatchNormalization(name=f"decoder{i}_bn")(x)
+        x = layers.BatchNormalization(momentum=batch_norm_momentum, name=f"decoder{i}_bn")(x)
         x = layers.ReLU(name=f"decoder{i}_relu")(x)
         for c in (1, 2):
             x = layers.Conv2D(

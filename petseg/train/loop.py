@@ -136,6 +136,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
                 encoder_weights=model_cfg["encoder_weights"],
                 freeze_encoder=_tristate(model_cfg["freeze_encoder"]),
                 encoder_batch_norm=_tristate(model_cfg["encoder_batch_norm"]),
+                batch_norm_momentum=model_cfg["batch_norm_momentum"],
                 seed=train_cfg["seed"],
             )
             model.compile(
