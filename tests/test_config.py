@@ -41,6 +41,20 @@ def test_bad_config_names_key_value_and_fix(override, message):
         config.load(overrides=args)
 
 
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.width=0.5", r"width=0.5 needs encoder_weights='none'"),
+        ("model.batch_norm_momentum=1.5", r"batch_norm_momentum=1.5 is not allowed; use a number in \[0, 1\)"),
+        ("train.augment.max_zoom=0.5", r"train.augment.max_zoom=0.5 is not allowed; use a number >= 1"),
+        ("train.augment.colour=2", r"train.augment.colour=2.0 is not allowed; use a strength in \[0, 1\]"),
+    ],
+)
+def test_bad_recipe_keys_are_refused_before_training(override, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load(overrides=["data.dataset=/tmp/x", "train.output_dir=/tmp/run", override], job="train")
+
+
 def test_oxford_needs_input_and_files_must_exist(tmp_path):
     with pytest.raises(ConfigError, match=r"data.input=None is not allowed; use the Oxford-IIIT Pet folder"):
         config.load(overrides=["data.dataset=/tmp/x"])

@@ -21,10 +21,12 @@ from petseg.model import (  # noqa: E402
     make_optimizer,
     preprocess,
     preprocessing_for,
+    resolved_width,
     segmentation_loss,
     segmentation_metrics,
     validate_unet_args,
 )
+from petseg.model.unet import FROM_SCRATCH_WIDTH  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,6 +100,20 @@ def test_from_scratch_is_trainable_with_batch_norm():
     assert not any(layer.trainable for layer in _encoder_layers(frozen))
 
 
+def test_width_narrows_every_block_and_keeps_the_shape_and_skips():
+    full = build_unet(image_size=32, n_depth=5, seed=0)
+    half = build_unet(image_size=32, n_depth=5, seed=0, width=0.5)
+    for name, channels in (("block1_conv1", 32), ("block3_conv3", 128), ("block5_conv3", 256), ("decoder0_conv2", 32)):
+        assert half.get_layer(name).output_shape[-1] == channels
+        assert full.get_layer(name).output_shape[-1] == 2 * channels
+    assert half.output_shape == full.output_shape == (None, 32, 32, 3)
+    assert half.count_params() < full.count_params() / 3.5  # parameters (and FLOPs) fall with width squared
+    # Unset, the width is VGG16's for pretrained weights and the recipe's from scratch.
+    assert resolved_width(None, encoder_weights="imagenet") == 1.0
+    assert resolved_width(None, encoder_weights="none") == FROM_SCRATCH_WIDTH < 1.0
+    assert resolved_width(0.25, encoder_weights="none") == 0.25
+
+
 @pytest.mark.parametrize(
     "kwargs,expected",
     [
@@ -108,6 +124,9 @@ def test_from_scratch_is_trainable_with_batch_norm():
         (dict(image_size=64, n_depth=3, encoder_weights="imagenet21k"), ["imagenet21k", "'imagenet', 'none'"]),
         (dict(image_size=64, n_depth=3, n_classes=1), ["n_classes=1", ">= 2"]),
         (dict(image_size=64, n_depth=3, freeze_encoder="maybe"), ["freeze_encoder='maybe'", "'auto', True or False"]),
+        (dict(image_size=64, n_depth=3, width=0.0), ["width=0.0", "(0, 1]"]),
+        (dict(image_size=64, n_depth=3, width=0.5, encoder_weights="imagenet"), ["width=0.5", "encoder_weights='none'"]),
+        (dict(image_size=64, n_depth=3, batch_norm_momentum=1.0), ["batch_norm_momentum=1.0", "[0, 1)"]),
     ],
 )
 def test_validation_names_the_bad_value_and_the_fix(kwargs, expected):

@@ -95,12 +95,13 @@ def _validate_model(cfg: Config) -> None:
         _require(value in ("auto", "true", "false"), f"model.{key}", getattr(m, key), "auto, true or false")
         setattr(m, key, value)
     _require(m.dice_weight >= 0, "model.dice_weight", m.dice_weight, "a number >= 0 (0 = cross-entropy only)")
-    from petseg.model.unet import validate_unet_args  # no TensorFlow import
+    from petseg.model.unet import resolved_width, validate_unet_args  # no TensorFlow import
 
     try:
         # Unset, the size is the dataset's, checked against n_depth when training opens it.
         image_size = cfg.data.image_size or 2 ** (min(max(m.n_depth, 1), 5) - 1)
         validate_unet_args(image_size=image_size, n_depth=m.n_depth, encoder_weights=m.encoder_weights,
+                           width=resolved_width(m.width, encoder_weights=m.encoder_weights),
                            batch_norm_momentum=m.batch_norm_momentum)
     except ValueError as exc:
         raise ConfigError(f"model/data config: {exc}") from None
@@ -119,6 +120,9 @@ def _validate_train(cfg: Config) -> None:
         f"a number of epochs between 0 and train.epochs={t.epochs}",
     )
     _require(t.shuffle_buffer >= 1, "train.shuffle_buffer", t.shuffle_buffer, "an integer >= 1")
+    a = t.augment
+    _require(a.max_zoom >= 1.0, "train.augment.max_zoom", a.max_zoom, "a number >= 1 (1: no zoom; 1.5 zooms up to 1.5x)")
+    _require(0.0 <= a.colour <= 1.0, "train.augment.colour", a.colour, "a strength in [0, 1] (0: no colour change)")
     _require(t.preview_images >= 0, "train.preview_images", t.preview_images, "an integer >= 0")
     _require(t.max_restarts >= 0, "train.max_restarts", t.max_restarts, "an integer >= 0 (0: no restarts by petseg)")
     workers = 1 if t.local_mode else t.num_slots

@@ -86,7 +86,16 @@ class ModelConfig:
     mixed_precision: Precision = MISSING
     jit_compile: bool = MISSING
     dice_weight: float = MISSING
+    #: null: 1.0 when pretrained, the from-scratch recipe's width (petseg.model.unet) otherwise
+    width: Optional[float] = MISSING
     batch_norm_momentum: float = MISSING
+
+
+@dataclass
+class AugmentConfig:
+    flip: bool = MISSING
+    max_zoom: float = MISSING
+    colour: float = MISSING
 
 
 @dataclass
@@ -104,6 +113,7 @@ class TrainConfig:
     preview_images: int = MISSING
     stop_after_epoch: Optional[int] = MISSING
     max_restarts: int = MISSING
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass

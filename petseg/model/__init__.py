@@ -7,7 +7,14 @@ called. Set ``TF_USE_LEGACY_KERAS=1`` before TensorFlow is first imported: petse
 
 from petseg.model.losses import custom_objects, make_optimizer, segmentation_loss, segmentation_metrics
 from petseg.model.preprocessing import PREPROCESSING_NAMES, preprocess, preprocessing_for
-from petseg.model.unet import ENCODER_SKIPS, build_unet, is_pretrained, keras_module, validate_unet_args
+from petseg.model.unet import (
+    ENCODER_SKIPS,
+    build_unet,
+    is_pretrained,
+    keras_module,
+    resolved_width,
+    validate_unet_args,
+)
 
 __all__ = [
     "ENCODER_SKIPS",
@@ -19,6 +26,7 @@ __all__ = [
     "make_optimizer",
     "preprocess",
     "preprocessing_for",
+    "resolved_width",
     "segmentation_loss",
     "segmentation_metrics",
     "validate_unet_args",

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
 
 from petseg.data.reader import SplitReader
 
 if TYPE_CHECKING:
     import tensorflow as tf
-
-
-def random_flip(image: "tf.Tensor", mask: "tf.Tensor", *, seed: int | None = None) -> tuple["tf.Tensor", "tf.Tensor"]:
-    """Flip image and mask left-right together, on one shared random draw (as the TF tutorial does)."""
-    import tensorflow as tf
-
-    flip = tf.random.uniform((), seed=seed) > 0.5
-    # Width is axis 1 of both an (H, W, 3) image and an (H, W) mask.
-    return tf.cond(flip, lambda: (tf.reverse(image, [1]), tf.reverse(mask, [1])), lambda: (image, mask))
 
 
 def make_dataset(
@@ -27,21 +18,27 @@ def make_dataset(
     training: bool,
     shuffle_buffer: int = 512,
     seed: int | None = None,
+    augmentation: Mapping[str, Any] | None = None,
 ) -> "tf.data.Dataset":
     """Batches of ``(preprocessed float32 image, int32 mask)`` from a Petastorm reader.
 
     The reader decides what this worker sees (its shard, repeated or not); this adds the per-example
-    work: optional shuffle and flip for training, the model's preprocessing, batching, prefetch.
-    Batches are full (drop_remainder) so every worker takes the same number of equal steps.
+    work: for training a shuffle and :func:`petseg.train.augment.augment` with ``augmentation`` (its
+    keyword arguments, the config's ``train.augment``; None: a flip only), the model's preprocessing,
+    batching, prefetch. Batches are full (drop_remainder) so every worker takes the same number of
+    equal steps.
     """
     import tensorflow as tf
 
     from petseg.data.reader import make_tf_dataset
     from petseg.model.preprocessing import preprocess
+    from petseg.train.augment import augment
 
     ds = make_tf_dataset(reader)
     if training:
-        ds = ds.shuffle(shuffle_buffer, seed=seed).map(lambda i, m: random_flip(i, m, seed=seed), num_parallel_calls=tf.data.AUTOTUNE)
+        options = dict(augmentation or {"flip": True, "max_zoom": 1.0, "colour": 0.0})
+        ds = ds.shuffle(shuffle_buffer, seed=seed).map(lambda i, m: augment(i, m, seed=seed, **options),
+                                                       num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.map(lambda i, m: (preprocess(i, preprocessing), tf.cast(m, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
     return _batched(ds, batch_size)
 

@@ -72,6 +72,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         keras_module,
         make_optimizer,
         preprocessing_for,
+        resolved_width,
         segmentation_loss,
         segmentation_metrics,
     )
@@ -124,7 +125,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
 
         training_data = pipeline(lambda: make_dataset(
             train_reader, batch_size=worker_batch, preprocessing=preprocessing, training=True,
-            shuffle_buffer=train_cfg["shuffle_buffer"], seed=seed))
+            shuffle_buffer=train_cfg["shuffle_buffer"], seed=seed, augmentation=train_cfg["augment"]))
         validation_data = pipeline(lambda: make_validation_dataset(
             val_reader, batch_size=worker_batch, preprocessing=preprocessing, steps=validation_steps,
             weight=validation_weight))
@@ -136,6 +137,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
                 encoder_weights=model_cfg["encoder_weights"],
                 freeze_encoder=_tristate(model_cfg["freeze_encoder"]),
                 encoder_batch_norm=_tristate(model_cfg["encoder_batch_norm"]),
+                width=resolved_width(model_cfg["width"], encoder_weights=model_cfg["encoder_weights"]),
                 batch_norm_momentum=model_cfg["batch_norm_momentum"],
                 seed=train_cfg["seed"],
             )
