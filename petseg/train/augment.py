@@ -9,7 +9,8 @@ resampled by nearest neighbour so it keeps exact class ids; colour changes only 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import itertools
+from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -19,9 +20,9 @@ def augment(
     image: "tf.Tensor",
     mask: "tf.Tensor",
     *,
-    flip: bool,
-    max_zoom: float,
-    colour: float,
+    flip: bool = True,
+    max_zoom: float = 1.0,
+    colour: float = 0.0,
     seed: int | None = None,
 ) -> tuple["tf.Tensor", "tf.Tensor"]:
     """Augment one ``(H, W, 3)`` uint8 image and its ``(H, W)`` mask; return float32 0..255 and the mask's dtype.
@@ -31,7 +32,8 @@ def augment(
     image, mask
         One example, as the dataset stores it.
     flip
-        Flip left-right, both together, with probability 1/2 (the TF tutorial's only augmentation).
+        Flip left-right, both together, with probability 1/2 (the TF tutorial's only augmentation;
+        the defaults are that alone).
     max_zoom
         Zoom into a random square of side ``H / z`` for ``z`` uniform in ``[1, max_zoom]``, resized
         back to ``H x W``: the pet at up to ``max_zoom`` times its size, partly cut off. 1 is none.
@@ -44,7 +46,7 @@ def augment(
     """
     import tensorflow as tf
 
-    seeds = iter(range(seed, seed + 16)) if seed is not None else iter([None] * 16)
+    seeds: Iterator[int | None] = itertools.count(seed) if seed is not None else itertools.repeat(None)
     x = tf.cast(image, tf.float32)
     y = mask
     if flip:
@@ -58,7 +60,7 @@ def augment(
     return x, y
 
 
-def _zoom(x: "tf.Tensor", y: "tf.Tensor", *, max_zoom: float, seeds) -> tuple["tf.Tensor", "tf.Tensor"]:
+def _zoom(x: "tf.Tensor", y: "tf.Tensor", *, max_zoom: float, seeds: Iterator[int | None]) -> tuple["tf.Tensor", "tf.Tensor"]:
     import tensorflow as tf
 
     side = 1.0 / tf.random.uniform((), 1.0, max_zoom, seed=next(seeds))  # of the image, normalised
@@ -74,7 +76,7 @@ def _zoom(x: "tf.Tensor", y: "tf.Tensor", *, max_zoom: float, seeds) -> tuple["t
     return x, y
 
 
-def _colour(x: "tf.Tensor", *, strength: float, seeds) -> "tf.Tensor":
+def _colour(x: "tf.Tensor", *, strength: float, seeds: Iterator[int | None]) -> "tf.Tensor":
     import tensorflow as tf
 
     x = x / 255.0

@@ -24,7 +24,7 @@ def make_dataset(
 
     The reader decides what this worker sees (its shard, repeated or not); this adds the per-example
     work: for training a shuffle and :func:`petseg.train.augment.augment` with ``augmentation`` (its
-    keyword arguments, the config's ``train.augment``; None: a flip only), the model's preprocessing,
+    keyword arguments, the config's ``train.augment``; None: its defaults, a flip only), the model's preprocessing,
     batching, prefetch. Batches are full (drop_remainder) so every worker takes the same number of
     equal steps.
     """
@@ -36,7 +36,7 @@ def make_dataset(
 
     ds = make_tf_dataset(reader)
     if training:
-        options = dict(augmentation or {"flip": True, "max_zoom": 1.0, "colour": 0.0})
+        options = dict(augmentation or {})
         ds = ds.shuffle(shuffle_buffer, seed=seed).map(lambda i, m: augment(i, m, seed=seed, **options),
                                                        num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.map(lambda i, m: (preprocess(i, preprocessing), tf.cast(m, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
