@@ -45,7 +45,6 @@ def main() -> None:
     ], job="demo")
     from petseg.evaluate import run_evaluate
     from petseg.ingest import run_ingest
-    from petseg.model.unet import resolved_width
     from petseg.session import get_or_create
     from petseg.train import run_train
 
@@ -68,9 +67,7 @@ def main() -> None:
         "bench": "recipe",
         "data": str(Path(args.data).resolve()),
         "written": dict(ingest.written),
-        "settings": {"model": {**config.to_dict(cfg.model),
-                               "width": resolved_width(cfg.model.width, encoder_weights=cfg.model.encoder_weights)},
-                     "train": config.to_dict(cfg.train),
+        "settings": {"model": config.to_dict(cfg.model), "train": config.to_dict(cfg.train),
                      "image_size": cfg.data.image_size, "workers": trained.workers},
         "minutes": {k: round(v, 2) for k, v in minutes.items()},
         "epochs": [{"epoch": h["epoch"], **{k: h[k] for k in FIGURES if k in h}} for h in trained.history],

@@ -55,6 +55,13 @@ def test_bad_recipe_keys_are_refused_before_training(override, message):
         config.load(overrides=["data.dataset=/tmp/x", "train.output_dir=/tmp/run", override], job="train")
 
 
+def test_an_unset_width_is_resolved_once_for_training():
+    args = ["data.dataset=/tmp/x", "train.output_dir=/tmp/run"]
+    assert config.load(overrides=[*args, "model.encoder_weights=none"], job="train").model.width == 0.5
+    assert config.load(overrides=args, job="train").model.width == 1.0  # pretrained: VGG16's own
+    assert config.load(overrides=[*args, "model.encoder_weights=none", "model.width=0.25"], job="train").model.width == 0.25
+
+
 def test_oxford_needs_input_and_files_must_exist(tmp_path):
     with pytest.raises(ConfigError, match=r"data.input=None is not allowed; use the Oxford-IIIT Pet folder"):
         config.load(overrides=["data.dataset=/tmp/x"])

@@ -97,11 +97,13 @@ def _validate_model(cfg: Config) -> None:
     _require(m.dice_weight >= 0, "model.dice_weight", m.dice_weight, "a number >= 0 (0 = cross-entropy only)")
     from petseg.model.unet import resolved_width, validate_unet_args  # no TensorFlow import
 
+    # Resolved here, once: training builds with it, and the run's metadata records the width built.
+    m.width = resolved_width(m.width, encoder_weights=m.encoder_weights)
     try:
         # Unset, the size is the dataset's, checked against n_depth when training opens it.
         image_size = cfg.data.image_size or 2 ** (min(max(m.n_depth, 1), 5) - 1)
         validate_unet_args(image_size=image_size, n_depth=m.n_depth, encoder_weights=m.encoder_weights,
-                           width=resolved_width(m.width, encoder_weights=m.encoder_weights),
+                           width=m.width,
                            batch_norm_momentum=m.batch_norm_momentum)
     except ValueError as exc:
         raise ConfigError(f"model/data config: {exc}") from None

@@ -86,7 +86,7 @@ class ModelConfig:
     mixed_precision: Precision = MISSING
     jit_compile: bool = MISSING
     dice_weight: float = MISSING
-    #: null: 1.0 when pretrained, the from-scratch recipe's width (petseg.model.unet) otherwise
+    #: null: 1.0 when pretrained, the from-scratch recipe's width (petseg.model.unet) otherwise; resolved by checks
     width: Optional[float] = MISSING
     batch_norm_momentum: float = MISSING
 

@@ -72,7 +72,6 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         keras_module,
         make_optimizer,
         preprocessing_for,
-        resolved_width,
         segmentation_loss,
         segmentation_metrics,
     )
@@ -137,7 +136,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
                 encoder_weights=model_cfg["encoder_weights"],
                 freeze_encoder=_tristate(model_cfg["freeze_encoder"]),
                 encoder_batch_norm=_tristate(model_cfg["encoder_batch_norm"]),
-                width=resolved_width(model_cfg["width"], encoder_weights=model_cfg["encoder_weights"]),
+                width=model_cfg["width"],  # resolved by petseg.config
                 batch_norm_momentum=model_cfg["batch_norm_momentum"],
                 seed=train_cfg["seed"],
             )
