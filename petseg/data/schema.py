@@ -20,7 +20,6 @@ SPLIT = "split"
 SPLITS = ("train", "test")
 
 
-
 def ignore_petastorm_pyarrow_deprecations() -> None:
     """Keep petastorm's calls into pyarrow's deprecated API from printing FutureWarnings.
 

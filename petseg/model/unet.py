@@ -299,7 +299,8 @@ def build_unet(
         use. 0.9 (PyTorch's default; Keras's is 0.99) lets them follow the weights within about
         ten steps: at 0.99 a from-scratch run's first epochs over a small dataset (tens of steps
         each) validate with statistics still mostly those of the random initial weights, measured
-        as 0.23 pixel accuracy in inference mode against 0.83 in training mode after 24 steps.
+        on the training images after 40 steps as 0.43 pixel accuracy in inference mode against
+        0.87 in training mode (0.89 with 0.9).
     seed
         Seeds the initialisers and the dropout for a reproducible model; None for random.
 
