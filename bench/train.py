@@ -28,6 +28,7 @@ PLAIN_FIT = textwrap.dedent(
     from petseg.model import build_unet, keras_module, make_optimizer, preprocess, preprocessing_for
     from petseg.model import segmentation_loss, segmentation_metrics
     from petseg.data.reader import open_split
+    from petseg.train.augment import augment
     import tensorflow as tf
 
     spec = json.loads(sys.argv[1])
@@ -36,11 +37,14 @@ PLAIN_FIT = textwrap.dedent(
         rows = list(reader)
     images = np.stack([r.image for r in rows]); masks = np.stack([r.mask for r in rows]).astype("int32")
     prep = preprocessing_for(spec["encoder_weights"])
+    # The same per-example work as the runner's pipeline: its augmentation, then preprocessing.
     ds = (tf.data.Dataset.from_tensor_slices((images, masks)).cache().shuffle(1000).repeat()
+          .map(lambda i, m: augment(i, m, **spec["augment"]), num_parallel_calls=tf.data.AUTOTUNE)
           .map(lambda i, m: (preprocess(i, prep), m)).batch(spec["batch"], drop_remainder=True)
           .prefetch(tf.data.AUTOTUNE))
     steps = len(rows) // spec["batch"]
-    model = build_unet(image_size=spec["size"], n_depth=spec["n_depth"], encoder_weights=spec["encoder_weights"])
+    model = build_unet(image_size=spec["size"], n_depth=spec["n_depth"], encoder_weights=spec["encoder_weights"],
+                       width=spec["width"], batch_norm_momentum=spec["batch_norm_momentum"])
     model.compile(optimizer=make_optimizer(learning_rate=1e-3, warmup_steps=steps, total_steps=2 * steps),
                   loss=segmentation_loss(), metrics=segmentation_metrics())
     times = []
@@ -110,8 +114,11 @@ def main() -> None:
         runner_rate = _epoch_rate(result, cfg)
         spark.stop()
 
+        # The runner's model and augmentation, as the config resolved them, so the ratio compares like with like.
         spec = {"dataset": cfg.data.dataset, "size": cfg.data.image_size, "n_depth": cfg.model.n_depth,
-                "encoder_weights": cfg.model.encoder_weights, "batch": cfg.train.batch_size}
+                "encoder_weights": cfg.model.encoder_weights, "width": cfg.model.width,
+                "batch_norm_momentum": cfg.model.batch_norm_momentum, "augment": config.to_dict(cfg.train.augment),
+                "batch": cfg.train.batch_size}
         done = subprocess.run([sys.executable, "-c", PLAIN_FIT, json.dumps(spec)], capture_output=True, text=True,
                               env=env.training_process_environment())
         if done.returncode:
@@ -122,7 +129,8 @@ def main() -> None:
     print(json.dumps({
         "bench": "train",
         "image_size": cfg.data.image_size, "n_depth": cfg.model.n_depth, "global_batch": cfg.train.batch_size,
-        "encoder_weights": cfg.model.encoder_weights, "cpu_cores": os.cpu_count(),
+        "encoder_weights": cfg.model.encoder_weights, "width": cfg.model.width,
+        "augment": config.to_dict(cfg.train.augment), "cpu_cores": os.cpu_count(),
         "runner_1_worker_images_per_s": round(runner_rate, 1),
         "plain_fit_images_per_s": round(plain_rate, 1),
         "ratio_runner_to_plain": round(runner_rate / plain_rate, 2),
