@@ -34,6 +34,46 @@ def test_masks_match_a_local_predict_at_original_size(run_dir):
         assert abs(sum(seg.fractions) - 1) < 1e-9 and len(seg.fractions) == 3
 
 
+def test_the_udf_pipeline_keeps_order_and_errors_and_decodes_ahead_of_the_model(run_dir, tmp_path):
+    import cv2
+
+    from petseg.infer.segment import ImageRow, segment_stream
+
+    loaded = artifact.load(str(run_dir))
+    pets = [render.synthetic_pet(i, seed=5, size=(40 + 8 * i, 30 + 4 * i)) for i in range(7)]
+    files = []
+    for i, pet in enumerate(pets):
+        files.append(tmp_path / f"p{i}.jpg")
+        files[-1].write_bytes(render.encode_jpeg(pet.image))
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    urls = [str(f) for f in files]
+    batches = [urls[:3], [str(tmp_path / "empty.jpg"), urls[3], str(tmp_path / "missing.jpg")], urls[4:]]
+    pulled = []
+
+    def source():
+        for i, batch in enumerate(batches):
+            pulled.append(i)
+            yield [ImageRow(url) for url in batch]
+
+    results = []
+    for out in segment_stream(loaded, source(), batch_size=2, read_files=True, model_resolution=True, threads=2):
+        if not results:
+            assert pulled == [0, 1]  # the second batch was read and decoded while the first was predicted
+        results.append(out)
+    assert [len(r) for r in results] == [3, 3, 3]
+    flat = [seg for out in results for seg in out]
+    assert flat[3].error.startswith("image_empty") and flat[5].error.startswith("file_unreadable")
+    good = [seg for seg in flat if seg.error is None]
+    expected = segment_images(loaded, [f.read_bytes() for f in files], batch_size=8)
+    for pet, seg, want in zip(pets, good, expected):
+        mask = cv2.imdecode(np.frombuffer(seg.mask_png, np.uint8), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(mask, want.mask)
+        model_mask = cv2.imdecode(np.frombuffer(seg.mask_model_png, np.uint8), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(model_mask, want.mask_model)
+        assert (seg.height, seg.width) == pet.image.shape[:2] and seg.fractions == want.fractions
+        assert seg.fractions == tuple(np.bincount(want.mask.ravel(), minlength=3) / want.mask.size)
+
+
 def test_model_resolution_and_missing_models(run_dir, tmp_path):
     assert artifact.resolve(str(run_dir / "model")).image_size == 32  # the model folder works too
     assert artifact.load(str(run_dir)) is artifact.load(str(run_dir))  # loaded once per process

@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Tuple
+from typing import TYPE_CHECKING, Any, Iterator, Tuple
 
-import cv2
-import numpy as np
 import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -18,7 +16,7 @@ from pyspark.sql.types import BinaryType, DoubleType, IntegerType, StringType, S
 from petseg.config import InferConfig, MlflowConfig, to_dict
 from petseg.data.decode import CLASSES, DEFAULT_MAX_IMAGE_PIXELS
 from petseg.env import pin_task_gpus
-from petseg.errors import InputError, RejectedInput
+from petseg.errors import InputError
 from petseg.io.fs import Storage
 from petseg.io.urls import is_table_name
 from petseg.model import artifact
@@ -28,7 +26,7 @@ from petseg.tracking import flatten, tracked_run
 if TYPE_CHECKING:
     from pyspark import SparkConf
 
-    from petseg.infer.segment import Segmentation
+    from petseg.infer.segment import EncodedSegmentation, ImageRow
 
 log = logging.getLogger(__name__)
 
@@ -81,32 +79,26 @@ class NothingSegmentedError(InputError):
     """The job segmented no row: the input was empty, or every row failed; the message says which."""
 
 
-def _png(mask: np.ndarray, what: str) -> bytes:
-    """``mask`` as an 8-bit PNG; a mask libpng cannot write (a side over its 1,000,000-pixel limit)
-    raises :class:`RejectedInput`, so that its row reports it rather than passing with no mask."""
-    try:
-        ok, buf = cv2.imencode(".png", mask)
-    except cv2.error as exc:  # OpenCV asserts on libpng's failure rather than returning ok=False
-        ok, buf = False, str(exc).strip().splitlines()[-1]
-    if not ok:
-        raise RejectedInput(
-            "mask_unencodable", f"the {mask.shape[1]}x{mask.shape[0]} {what} could not be encoded as PNG ({buf})"
-        )
-    return buf.tobytes()
+def _image_rows(data: pd.Series, heights: pd.Series, widths: pd.Series) -> list["ImageRow"]:
+    from petseg.infer.segment import ImageRow
+
+    return [
+        ImageRow(value, None if pd.isna(h) or pd.isna(w) else (int(h), int(w)))
+        for value, h, w in zip(data.tolist(), heights.tolist(), widths.tolist())
+    ]
 
 
-def _encoded_masks(seg: "Segmentation", *, model_resolution: bool) -> tuple[bytes | None, bytes | None, "Segmentation"]:
-    """(mask_png, mask_model_png, the segmentation), or no masks and an error segmentation when one
-    of them cannot be encoded."""
-    from petseg.infer.segment import Segmentation
-
-    if seg.mask is None:
-        return None, None, seg
-    try:
-        return (_png(seg.mask, "mask"), _png(seg.mask_model, "model-resolution mask") if model_resolution else None,
-                seg)
-    except RejectedInput as exc:
-        return None, None, Segmentation.rejected(exc)
+def _output_frame(results: list["EncodedSegmentation"]) -> pd.DataFrame:
+    columns: dict[str, Any] = {
+        "mask_png": [r.mask_png for r in results],
+        "mask_model_png": [r.mask_model_png for r in results],
+        "height": pd.array([r.height for r in results], dtype="Int32"),
+        "width": pd.array([r.width for r in results], dtype="Int32"),
+    }
+    for k, name in enumerate(CLASSES):
+        columns[f"fraction_{name}"] = [None if r.fractions is None else r.fractions[k] for r in results]
+    columns["error"] = [r.error for r in results]
+    return pd.DataFrame(columns)
 
 
 def segment_udf(
@@ -131,39 +123,15 @@ def segment_udf(
 
     @pandas_udf(SEGMENTATION_SCHEMA)  # type: ignore[call-overload]
     def segment(batches: Iterator[Tuple[pd.Series, pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
-        from petseg.infer.segment import Segmentation, segment_images
-        from petseg.io.fs import read_file
+        from petseg.infer.segment import segment_stream
 
         pin_task_gpus()  # before the load imports TensorFlow
         loaded = artifact.load(model_uri, threads=threads, version=model_version)
-        for data, heights, widths in batches:
-            values = data.tolist()
-            failed: dict[int, Segmentation] = {}
-            if read_files:
-                for i, url in enumerate(values):
-                    try:
-                        values[i] = read_file(url)
-                    except RejectedInput as exc:
-                        failed[i], values[i] = Segmentation.rejected(exc), None
-            sizes = [
-                None if pd.isna(h) or pd.isna(w) else (int(h), int(w)) for h, w in zip(heights.tolist(), widths.tolist())
-            ]
-            segs = segment_images(loaded, values, batch_size=batch_size, sizes=sizes, max_pixels=max_image_pixels)
-            encoded = [_encoded_masks(failed.get(i, s), model_resolution=model_resolution) for i, s in enumerate(segs)]
-            segs = [s for _, _, s in encoded]
-            columns: dict[str, list] = {
-                "mask_png": [png for png, _, _ in encoded],
-                "mask_model_png": [png for _, png, _ in encoded],
-                "height": [None if s.mask is None else s.mask.shape[0] for s in segs],
-                "width": [None if s.mask is None else s.mask.shape[1] for s in segs],
-            }
-            for k, name in enumerate(CLASSES):
-                columns[f"fraction_{name}"] = [None if s.fractions is None else s.fractions[k] for s in segs]
-            columns["error"] = [s.error for s in segs]
-            frame = pd.DataFrame(columns)
-            for name in ("height", "width"):
-                frame[name] = frame[name].astype("Int32")
-            yield frame
+        rows = (_image_rows(*batch) for batch in batches)
+        for results in segment_stream(loaded, rows, batch_size=batch_size, read_files=read_files,
+                                      model_resolution=model_resolution, max_pixels=max_image_pixels,
+                                      threads=threads or 1):
+            yield _output_frame(results)
 
     return segment
 
