@@ -22,6 +22,7 @@ from petseg.config.sections import (
     DataConfig,
     EvaluateConfig,
     InferConfig,
+    InferMode,
     InputFormat,
     MlflowConfig,
     ModelConfig,
@@ -37,7 +38,7 @@ from petseg.errors import ConfigError
 
 __all__ = [
     "BASE_CONF", "CONF_DIR", "JOBS", "JOB_SECTIONS", "LOCAL_CONF", "Codec", "Config", "ConfigError", "DataConfig",
-    "EvaluateConfig", "InferConfig", "InputFormat", "Invocation", "MlflowConfig", "ModelConfig", "Precision", "Source",
+    "EvaluateConfig", "InferConfig", "InferMode", "InputFormat", "Invocation", "MlflowConfig", "ModelConfig", "Precision", "Source",
     "REDACTED", "SparkConfig", "TrainConfig", "is_secret_key", "load", "parse_command_line", "parse_job_arguments",
     "redact_secrets", "to_dict", "validate",
 ]

@@ -6,10 +6,11 @@ allowed; locations are normalised here, once, by the rules of :mod:`petseg.io.ur
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from petseg import env
-from petseg.config.sections import RECIPE_IMAGE_SIZE, Config, InputFormat, Source
+from petseg.config.sections import RECIPE_IMAGE_SIZE, Config, InferMode, InputFormat, Source
 from petseg.errors import ConfigError
 from petseg.io.urls import is_local, is_plain_path, is_table_name, normalize_url, on_shared_mount, petastorm_url
 
@@ -177,6 +178,19 @@ def _validate_infer(cfg: Config) -> None:
         i.input = _location(cfg, str(i.input), key="infer.input")
     if not is_table_name(str(i.output)):
         i.output = _location(cfg, str(i.output), key="infer.output")
+    if i.mode is not InferMode.batch:
+        _require(i.limit is None, "infer.limit", i.limit, f"null with infer.mode={i.mode.value} (a limit is for batch runs)")
+        _require(
+            i.checkpoint is not None or not is_table_name(str(i.output)),
+            "infer.checkpoint", i.checkpoint,
+            f"a folder URL or path for the query's checkpoint: infer.output={i.output!r} is a table",
+        )
+        if i.checkpoint is not None:
+            i.checkpoint = _location(cfg, str(i.checkpoint), key="infer.checkpoint")
+    _require(
+        bool(re.fullmatch(r"\d+(\.\d+)?\s*(ms|milliseconds?|s|seconds?|minutes?|hours?)", i.trigger_interval.strip())),
+        "infer.trigger_interval", i.trigger_interval, "a duration such as '30 seconds' or '5 minutes'",
+    )
 
 
 def _validate_evaluate(cfg: Config) -> None:

@@ -68,6 +68,12 @@ class InputFormat(str, enum.Enum):
     images = "images"
 
 
+class InferMode(str, enum.Enum):
+    batch = "batch"
+    incremental = "incremental"
+    stream = "stream"
+
+
 class Precision(str, enum.Enum):
     float32 = "float32"
     mixed_float16 = "mixed_float16"
@@ -129,6 +135,10 @@ class InferConfig:
     partitions: Optional[int] = MISSING
     limit: Optional[int] = MISSING
     model_resolution: bool = MISSING
+    mode: InferMode = MISSING
+    #: incremental, stream: the query's checkpoint; null: <output>/_checkpoint for a folder output
+    checkpoint: Optional[str] = MISSING
+    trigger_interval: str = MISSING
 
 
 @dataclass

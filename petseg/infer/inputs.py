@@ -7,12 +7,12 @@ files becomes one frame of (key, image bytes or path, height, width).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import BinaryType, StringType, StructField, StructType
+from pyspark.sql.types import BinaryType, LongType, StringType, StructField, StructType, TimestampType
 
 from petseg.config import InferConfig, InputFormat
 from petseg.errors import InputError
@@ -23,6 +23,13 @@ KEY_CANDIDATES = ("id", "path", "key")
 #: Rows per task when the job lists files itself: a few Arrow batches, so the per-task cost stays
 #: small beside the model's work, and enough tasks to spread over the cluster.
 FILES_PER_TASK = 1024
+#: Spark's binaryFile source's columns: a streaming source must be given its schema.
+BINARY_FILE_SCHEMA = StructType([
+    StructField("path", StringType(), False),
+    StructField("modificationTime", TimestampType(), False),
+    StructField("length", LongType(), False),
+    StructField("content", BinaryType(), True),
+])
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,61 @@ def load_image_table(spark: SparkSession, *, infer: InferConfig) -> ImageTable:
             frame = spark.read.parquet(url)
         except Exception as exc:  # AnalysisException: path missing or not Parquet
             raise InputError(f"cannot read infer.input={url!r} as Parquet ({_first_line(exc)}); check the path") from None
+    table = _image_columns(frame, fmt=fmt, url=url, infer=infer)
+    frame = table.frame
+    if infer.limit:
+        frame = frame.limit(infer.limit)
+    current = frame.rdd.getNumPartitions()
+    wanted = infer.partitions or max(spark.sparkContext.defaultParallelism, current)
+    if wanted != current or infer.limit:
+        frame = frame.repartition(wanted)
+    return replace(table, frame=frame)
+
+
+def load_image_stream(spark: SparkSession, *, infer: InferConfig) -> ImageTable:
+    """The configured input as a streaming :class:`ImageTable`: each trigger brings the rows (image
+    files, Parquet files, table rows) that the query's checkpoint has not seen.
+
+    Image files come through Spark's binaryFile source with their bytes. Like every Spark file
+    source it skips zero-length files (SPARK-26161) and reads a file once, when it is first listed:
+    whatever writes into the folder must move finished files in (write elsewhere, then rename).
+
+    Raises
+    ------
+    InputError
+        When the input is missing, or lacks the configured image or key column.
+    """
+    url = str(infer.input)
+    fmt = infer.input_format if infer.input_format is not InputFormat.auto else detect_format(spark, url)
+    if fmt is InputFormat.images:
+        if not is_glob(url) and not Storage(spark).is_dir(url):
+            raise InputError(f"infer.input={url!r} is not a folder; point the stream at the folder images arrive in")
+        frame = (
+            spark.readStream.format("binaryFile").schema(BINARY_FILE_SCHEMA)
+            # A folder is read with everything under it, as batch runs list it.
+            .option("recursiveFileLookup", str(not is_glob(url)).lower())
+            .load(url)
+            # Hadoop writes a local file's URL file:/x; batch runs list it as file:///x. One form for both.
+            .select(F.regexp_replace("path", "^file:/(?!/)", "file:///").alias("path"), F.col("content").alias("image"))
+        )
+        table = ImageTable(frame=frame, key="path", format=fmt, reads_files=False, has_sizes=False)
+    elif fmt is InputFormat.table:
+        if not spark.catalog.tableExists(url):
+            raise InputError(f"infer.input={url!r} is not a table in the catalog; check the name or pass a path")
+        table = _image_columns(spark.readStream.table(url), fmt=fmt, url=url, infer=infer)
+    else:
+        try:
+            schema = spark.read.parquet(url).schema  # a streaming file source needs its schema up front
+        except Exception as exc:  # AnalysisException: path missing or not Parquet
+            raise InputError(f"cannot read infer.input={url!r} as Parquet ({_first_line(exc)}); check the path") from None
+        table = _image_columns(spark.readStream.schema(schema).parquet(url), fmt=fmt, url=url, infer=infer)
+    if infer.partitions:
+        table = replace(table, frame=table.frame.repartition(infer.partitions))
+    return table
+
+
+def _image_columns(frame: DataFrame, *, fmt: InputFormat, url: str, infer: InferConfig) -> ImageTable:
+    """(key, image[, height, width]) of a table of encoded images, checked against the config."""
     image = infer.image_column
     binary = [f.name for f in frame.schema.fields if isinstance(f.dataType, BinaryType)]
     if image not in binary:
@@ -86,14 +148,7 @@ def load_image_table(spark: SparkSession, *, infer: InferConfig) -> ImageTable:
     if has_sizes:
         # A petseg dataset stores images resized to the model's size; masks go back to the original.
         columns += [F.col("height").cast("int"), F.col("width").cast("int")]
-    frame = frame.select(*columns)
-    if infer.limit:
-        frame = frame.limit(infer.limit)
-    current = frame.rdd.getNumPartitions()
-    wanted = infer.partitions or max(spark.sparkContext.defaultParallelism, current)
-    if wanted != current or infer.limit:
-        frame = frame.repartition(wanted)
-    return ImageTable(frame=frame, key=key, format=fmt, reads_files=False, has_sizes=has_sizes)
+    return ImageTable(frame=frame.select(*columns), key=key, format=fmt, reads_files=False, has_sizes=has_sizes)
 
 
 def _image_files(spark: SparkSession, url: str, infer: InferConfig) -> ImageTable:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Tuple
 
@@ -13,10 +14,11 @@ from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
 from pyspark.sql.types import BinaryType, DoubleType, IntegerType, StringType, StructField, StructType
 
-from petseg.config import InferConfig, MlflowConfig, to_dict
+from petseg.config import InferConfig, InferMode, MlflowConfig, to_dict
 from petseg.data.decode import CLASSES, DEFAULT_MAX_IMAGE_PIXELS
 from petseg.env import pin_task_gpus
 from petseg.errors import InputError
+from petseg.infer.streaming import check_output, observe_counts, run_query
 from petseg.io.fs import Storage
 from petseg.io.urls import is_table_name
 from petseg.model import artifact
@@ -184,6 +186,7 @@ class InferReport:
     output: str
     model_uri: str
     model_version: str
+    mode: str = "batch"
     segmented: int = 0
     failed: dict[str, int] = field(default_factory=dict)  # error reason -> rows
     seconds: float = 0.0
@@ -193,8 +196,10 @@ class InferReport:
         return self.segmented + sum(self.failed.values())
 
     def format(self) -> str:
+        what = "infer" if self.mode == "batch" else f"infer ({self.mode})"
+        new = "" if self.mode == "batch" else " new"
         lines = [
-            f"infer: {self.rows} rows, segmented {self.segmented}, failed {sum(self.failed.values())}"
+            f"{what}: {self.rows}{new} rows, segmented {self.segmented}, failed {sum(self.failed.values())}"
             f" ({self.rows / max(self.seconds, 1e-9):.1f} rows/s)"
         ]
         lines += [f"  failed {reason:<28} {n:>8}" for reason, n in sorted(self.failed.items())]
@@ -250,9 +255,12 @@ def run_infer(
 def _segment_and_write(
     spark: SparkSession, *, infer: InferConfig, version: str, start: float, max_image_pixels: int
 ) -> InferReport:
-    from petseg.infer.inputs import load_image_table
+    from petseg.infer.inputs import load_image_stream, load_image_table
 
-    table = load_image_table(spark, infer=infer)
+    streaming = infer.mode is not InferMode.batch
+    if streaming:
+        check_output(spark, infer)
+    table = (load_image_stream if streaming else load_image_table)(spark, infer=infer)
     taken = [f.name for f in SEGMENTATION_SCHEMA.fields] + ["model_uri", "model_version"]
     if table.key in taken:
         raise InputError(
@@ -282,27 +290,25 @@ def _segment_and_write(
     previous = spark.conf.get(ARROW_BATCH_CONF, None)
     spark.conf.set(ARROW_BATCH_CONF, str(infer.arrow_batch_rows))
     try:
-        written = write_output(spark, out, output=str(infer.output))
+        if streaming:
+            counts: Counter[str] = Counter()
+            run_query(spark, observe_counts(out), infer=infer, on_batch=counts.update)
+            segmented = counts.pop("segmented", 0)
+            failed = {reason: n for reason, n in counts.items() if n}
+        else:
+            segmented, failed = _count_written(write_output(spark, out, output=str(infer.output)))
     finally:
         if previous is None:
             spark.conf.unset(ARROW_BATCH_CONF)
         else:
             spark.conf.set(ARROW_BATCH_CONF, previous)
-    # Counted from what was written: reading a few columns back beats running the model twice.
-    counts = (
-        written.select(F.split(F.col("error"), ":").getItem(0).alias("reason"))
-        .groupBy("reason")
-        .count()
-        .collect()
-    )
-    segmented = sum(r["count"] for r in counts if r["reason"] is None)
-    failed = {r["reason"]: r["count"] for r in counts if r["reason"] is not None}
     report = InferReport(
         input=str(infer.input),
         input_format=table.format.value,
         output=str(infer.output),
         model_uri=str(infer.model),
         model_version=version,
+        mode=infer.mode.value,
         segmented=segmented,
         failed=failed,
         seconds=time.perf_counter() - start,
@@ -310,6 +316,8 @@ def _segment_and_write(
     log.info("infer wrote %d rows to %s", report.rows, infer.output)
     if not segmented:
         if not report.rows:
+            if streaming:
+                return report  # nothing new since the last run: a scheduled run has nothing to do
             raise NothingSegmentedError(
                 f"infer.input={report.input!r} holds no rows to segment; point it at a non-empty table or folder"
             )
@@ -318,6 +326,19 @@ def _segment_and_write(
             f"the error column of {report.output} says why for each row: fix those inputs"
         )
     return report
+
+
+def _count_written(written: DataFrame) -> tuple[int, dict[str, int]]:
+    """(segmented, failed rows per reason), counted from what was written: reading a few columns back
+    beats running the model twice."""
+    counts = (
+        written.select(F.split(F.col("error"), ":").getItem(0).alias("reason"))
+        .groupBy("reason")
+        .count()
+        .collect()
+    )
+    segmented = sum(r["count"] for r in counts if r["reason"] is None)
+    return segmented, {r["reason"]: r["count"] for r in counts if r["reason"] is not None}
 
 
 def write_output(spark: SparkSession, frame: DataFrame, *, output: str) -> DataFrame:

@@ -29,6 +29,9 @@ from petseg.model.artifact import LoadedModel
 #: decoding a batch takes no longer than predicting it; each holds a batch of model-size images
 #: (256 x 128 x 128 x 3 bytes = 12 MB).
 PREFETCH_BATCHES = 1
+#: The reasons a row can fail with (the ``<reason>`` of its ``error``): counted per streaming micro-batch.
+ERROR_REASONS = ("file_unreadable", "image_empty", "image_undecodable", "image_too_large", "size_invalid",
+                 "mask_unencodable")
 
 
 @dataclass(frozen=True)

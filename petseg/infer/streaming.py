@@ -1,0 +1,129 @@
+"""Inference for images that keep arriving: a Structured Streaming query over the batch job's UDF.
+
+``infer.mode=incremental`` runs the query with ``trigger(availableNow=True)``: everything the
+checkpoint has not seen, then stop (a nightly Databricks job). ``infer.mode=stream`` keeps it
+running, one micro-batch per ``infer.trigger_interval``, until SIGTERM or Ctrl-C. Either way the
+rows are those of batch inference (same UDF, decoding, error rows and columns), and Spark's sinks
+make each input land exactly once: the Parquet file sink commits a micro-batch's files in its
+``_spark_metadata`` log, which every Spark reader of the folder follows, and a catalog table is
+written with ``toTable``. A run killed midway leaves uncommitted files that readers ignore; the next
+run redoes that micro-batch from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any, Callable
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from petseg.config import InferConfig, InferMode
+from petseg.errors import InputError
+from petseg.io.fs import Storage
+from petseg.io.urls import is_table_name
+
+log = logging.getLogger(__name__)
+
+#: The name the query's observed counts go by in its progress reports.
+COUNTS = "petseg_counts"
+#: Seconds between checks for a stop signal while a stream runs.
+POLL_SECONDS = 1.0
+
+
+def checkpoint_location(infer: InferConfig) -> str:
+    """``infer.checkpoint``, or ``_checkpoint`` inside a folder output: a hidden name, which Spark's
+    readers skip, and deleting the output then starts afresh rather than skipping every input."""
+    if infer.checkpoint:
+        return str(infer.checkpoint)
+    return f"{str(infer.output).rstrip('/')}/_checkpoint"
+
+
+def check_output(spark: SparkSession, infer: InferConfig) -> None:
+    """Refuse a folder that a batch run wrote: the file sink's readers would hide those rows.
+
+    Raises
+    ------
+    InputError
+        Naming the folder and the two ways out.
+    """
+    output = str(infer.output)
+    if is_table_name(output):
+        return
+    storage = Storage(spark)
+    if storage.exists(output) and not storage.exists(f"{output.rstrip('/')}/_spark_metadata"):
+        raise InputError(
+            f"infer.output={output!r} holds the output of a batch run (infer.mode=batch); infer.mode="
+            f"{infer.mode.value} appends to a streaming sink: use another infer.output, or delete this one"
+        )
+
+
+def observe_counts(frame: DataFrame) -> DataFrame:
+    """``frame`` reporting, per micro-batch, how many rows it segmented and how many failed for each reason."""
+    from petseg.infer.segment import ERROR_REASONS
+
+    reason = F.split(F.col("error"), ":").getItem(0)
+    return frame.observe(
+        COUNTS,
+        F.count_if(F.col("error").isNull()).alias("segmented"),
+        *[F.count_if(reason == r).alias(r) for r in ERROR_REASONS],
+        F.count_if(F.col("error").isNotNull() & ~reason.isin(*ERROR_REASONS)).alias("other"),
+    )
+
+
+def run_query(
+    spark: SparkSession, out: DataFrame, *, infer: InferConfig, on_batch: Callable[[dict[str, int]], None]
+) -> None:
+    """Write ``out`` (a streaming frame from :func:`observe_counts`) to ``infer.output`` and wait:
+    until the input is drained (incremental) or a stop signal (stream). ``on_batch`` gets each
+    micro-batch's counts."""
+    writer = out.writeStream.option("checkpointLocation", checkpoint_location(infer)).queryName("petseg_infer")
+    if infer.mode is InferMode.incremental:
+        writer = writer.trigger(availableNow=True)
+    else:
+        writer = writer.trigger(processingTime=infer.trigger_interval)
+    output = str(infer.output)
+    query = writer.toTable(output) if is_table_name(output) else writer.format("parquet").start(output)
+    seen: set[str] = set()
+
+    def collect() -> None:
+        for progress in query.recentProgress:
+            counts = progress.get("observedMetrics", {}).get(COUNTS)
+            if counts is not None and progress["batchId"] not in seen:
+                seen.add(progress["batchId"])
+                on_batch({k: int(v) for k, v in counts.items()})
+
+    with _stop_on_signals() as stop:
+        try:
+            while query.isActive and not stop.is_set():
+                query.awaitTermination(POLL_SECONDS)
+                collect()
+        finally:
+            if query.isActive:
+                log.info("stopping the stream; the next run resumes from %s", checkpoint_location(infer))
+                query.stop()
+    collect()
+    error = query.exception()
+    if error is not None:
+        raise error
+
+
+class _stop_on_signals:
+    """An event set by SIGTERM (what Databricks, YARN and Kubernetes send to stop a job) or SIGINT,
+    so the stream stops between polls; the previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self) -> threading.Event:
+        self.event = threading.Event()
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, lambda *_: self.event.set())
+        return self.event
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,162 @@
+"""Images that keep arriving: incremental runs and a stream, each input segmented exactly once."""
+
+from petseg import env
+
+env.prepare_process_environment(master="local[2]")  # tf-keras, before TensorFlow is imported
+
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+from petseg.data import render  # noqa: E402
+from petseg.errors import InputError  # noqa: E402
+
+
+def _add_photos(folder, first, count, seed=3):
+    folder.mkdir(exist_ok=True)
+    for i in range(first, first + count):
+        pet = render.synthetic_pet(i, seed=seed, size=(40 + i % 3 * 8, 32))
+        tmp = folder.parent / f".{i}.tmp"
+        tmp.write_bytes(render.encode_jpeg(pet.image))
+        tmp.rename(folder / f"p{i:03d}.jpg")  # moved in whole, as an upload service should
+
+
+def _infer(spark, *overrides):
+    from conftest import load_job_config
+
+    from petseg.infer.job import run_infer
+
+    return run_infer(spark, infer=load_job_config("infer", *overrides).infer)
+
+
+def test_incremental_runs_segment_only_new_images_once_even_after_a_run_killed_midway(spark, exported_run, tmp_path):
+    photos, out = tmp_path / "photos", tmp_path / "masks"
+    args = (f"infer.model={exported_run}", f"infer.input={photos}", f"infer.output={out}", "infer.mode=incremental")
+    _add_photos(photos, 0, 5)
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    first = _infer(spark, *args)
+    assert (first.segmented, first.failed) == (5, {"image_undecodable": 1})
+    assert "infer (incremental): 6 new rows, segmented 5, failed 1" in first.format()
+
+    _add_photos(photos, 5, 3)
+    second = _infer(spark, *args)
+    assert (second.segmented, second.failed) == (3, {})
+    rows = spark.read.parquet(str(out)).collect()
+    assert sorted(r["path"].rsplit("/", 1)[-1] for r in rows) == ["broken.jpg"] + [f"p{i:03d}.jpg" for i in range(8)]
+    # Keys as batch runs write them, so the two modes' outputs join.
+    batch = _infer(spark, f"infer.model={exported_run}", f"infer.input={photos}", f"infer.output={tmp_path / 'b'}")
+    assert batch.rows == 9
+    assert {r["path"] for r in spark.read.parquet(str(tmp_path / "b")).collect()} == {r["path"] for r in rows}
+
+    nothing = _infer(spark, *args)  # a scheduled run with nothing new succeeds and segments nothing
+    assert nothing.rows == 0
+
+    # A run killed after its tasks wrote their files, before the driver committed the micro-batch:
+    # Spark's sink log and the query's commit log lack the batch, its files are on disk.
+    _add_photos(photos, 8, 4)
+    third = _infer(spark, *args)
+    assert third.segmented == 4
+    last = max(int(p.name) for p in (out / "_spark_metadata").iterdir() if p.name.isdigit())
+    for log in (out / "_spark_metadata", out / "_checkpoint" / "commits"):
+        for name in (str(last), f".{last}.crc"):  # a log entry and the checksum the local file system keeps
+            (log / name).unlink(missing_ok=True)
+    redone = _infer(spark, *args)
+    assert redone.segmented == 4  # the batch again, from its checkpointed offsets
+    keys = [r["path"] for r in spark.read.parquet(str(out)).collect()]
+    assert len(keys) == len(set(keys)) == 13  # every image once: the orphaned files are not read
+
+
+def test_incremental_refuses_a_batch_output_and_writes_tables(spark, exported_run, tmp_path):
+    photos = tmp_path / "photos"
+    _add_photos(photos, 0, 3)
+    batch_out = tmp_path / "batch"
+    _infer(spark, f"infer.model={exported_run}", f"infer.input={photos}", f"infer.output={batch_out}")
+    with pytest.raises(InputError, match="holds the output of a batch run"):
+        _infer(spark, f"infer.model={exported_run}", f"infer.input={photos}", f"infer.output={batch_out}",
+               "infer.mode=incremental")
+    from petseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="infer.checkpoint=None is not allowed"):
+        _infer(spark, f"infer.model={exported_run}", f"infer.input={photos}", "infer.output=stream_masks",
+               "infer.mode=incremental")
+    with pytest.raises(ConfigError, match="infer.trigger_interval='soon' is not allowed; use a duration"):
+        _infer(spark, f"infer.model={exported_run}", f"infer.input={photos}", f"infer.output={tmp_path / 's'}",
+               "infer.mode=stream", "infer.trigger_interval=soon")
+    with pytest.raises(ConfigError, match="infer.limit=2 is not allowed; use null with infer.mode=incremental"):
+        _infer(spark, f"infer.model={exported_run}", f"infer.input={photos}", f"infer.output={tmp_path / 's'}",
+               "infer.mode=incremental", "infer.limit=2")
+    # A Parquet table of image bytes: each run takes the files added since the last.
+    import pandas as pd
+
+    src, masks = tmp_path / "table", tmp_path / "table_masks"
+    src.mkdir()
+    pets = [render.encode_png(render.synthetic_pet(i, seed=8, size=(36, 30)).image) for i in range(5)]
+    pd.DataFrame({"id": ["a", "b", "c"], "image": pets[:3]}).to_parquet(src / "part-0.parquet")
+    parquet_args = (f"infer.model={exported_run}", f"infer.input={src}", f"infer.output={masks}", "infer.mode=incremental")
+    assert _infer(spark, *parquet_args).segmented == 3
+    pd.DataFrame({"id": ["d", "e"], "image": pets[3:]}).to_parquet(src / "part-1.parquet")
+    assert _infer(spark, *parquet_args).segmented == 2
+    assert sorted(r["id"] for r in spark.read.parquet(str(masks)).collect()) == ["a", "b", "c", "d", "e"]
+
+    table_args = (f"infer.model={exported_run}", f"infer.input={photos}", "infer.output=stream_masks",
+                  "infer.mode=incremental", f"infer.checkpoint={tmp_path / 'ckpt'}")
+    try:
+        assert _infer(spark, *table_args).segmented == 3
+        _add_photos(photos, 3, 2)
+        assert _infer(spark, *table_args).segmented == 2
+        assert spark.table("stream_masks").count() == 5
+    finally:
+        spark.sql("DROP TABLE IF EXISTS stream_masks")
+        shutil.rmtree(tmp_path / "ckpt", ignore_errors=True)
+
+
+def _rows_when(spark, out, expected, proc, timeout=240):
+    """Poll the stream's output (as Spark reads it: committed micro-batches only) until it holds
+    ``expected`` rows; fail with the job's stderr if it ends or time runs out."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        log = out / "_spark_metadata"
+        if log.is_dir() and any(p.name.isdigit() for p in log.iterdir()):  # a micro-batch committed
+            n = spark.read.parquet(str(out)).count()
+            assert n <= expected
+            if n == expected:
+                return
+        time.sleep(1)
+    proc.kill()
+    pytest.fail(f"the stream did not reach {expected} rows in {timeout} s: {proc.communicate()[1][-3000:]}")
+
+
+@pytest.mark.slow
+def test_a_stream_segments_images_as_they_arrive_stops_on_sigterm_and_resumes(spark, exported_run, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    photos, out = tmp_path / "photos", tmp_path / "masks"
+    _add_photos(photos, 0, 4)
+    environ = {k: v for k, v in os.environ.items() if k != "PYSPARK_PYTHON"}
+    cmd = [sys.executable, "-m", "petseg.cli", "infer", "spark.master=local[1]", f"infer.model={exported_run}",
+           f"infer.input={photos}", f"infer.output={out}", "infer.mode=stream", "infer.trigger_interval=1 second"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
+    try:
+        _rows_when(spark, out, 4, proc)
+        _add_photos(photos, 4, 3)
+        _rows_when(spark, out, 7, proc)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "infer (stream): 7 new rows, segmented 7, failed 0" in stdout
+    # Stopped, then restarted from its checkpoint: only what arrived in between.
+    _add_photos(photos, 7, 2)
+    resumed = _infer(spark, f"infer.model={exported_run}", f"infer.input={photos}", f"infer.output={out}",
+                     "infer.mode=incremental")
+    assert resumed.segmented == 2
+    keys = [r["path"] for r in spark.read.parquet(str(out)).collect()]
+    assert len(keys) == len(set(keys)) == 9
