@@ -1,4 +1,4 @@
-"""The PNGs petseg writes: training curves, and grids of input, true mask and predicted mask."""
+"""The PNGs petseg writes: training curves, grids of input, true mask and predicted mask, and mask overlays."""
 
 from __future__ import annotations
 
@@ -46,6 +46,29 @@ def predictions_png(ids: Sequence[str], images: np.ndarray, masks: np.ndarray, p
             ax.axis("off")
     fig.tight_layout()
     return _save(plt, fig, dpi=60)
+
+
+#: Class colours of the overlay (pet, background, border): background left as it is.
+OVERLAY_COLOURS = {0: (255, 140, 0), 2: (0, 200, 255)}
+
+
+def overlay_png(titles: Sequence[str], images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> bytes:
+    """A grid of RGB images, each with its label mask laid over it (pet orange, border cyan)."""
+    plt = _pyplot()
+    columns = min(3, len(titles))
+    rows = -(-len(titles) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.6 * rows), squeeze=False)
+    for ax, title, image, mask in zip(axes.ravel(), titles, images, masks):
+        blended = image.astype(np.float32)
+        for label, colour in OVERLAY_COLOURS.items():
+            where = mask == label
+            blended[where] = 0.55 * blended[where] + 0.45 * np.asarray(colour, np.float32)
+        ax.imshow(blended.astype(np.uint8))
+        ax.set_title(title if len(title) <= 40 else "..." + title[-37:], fontsize=8)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(plt, fig, dpi=70)
 
 
 def _save(plt: Any, fig: Any, *, dpi: int) -> bytes:

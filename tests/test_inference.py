@@ -445,3 +445,35 @@ def test_each_gpu_task_shows_tensorflow_only_its_own_gpu(run_dir, tmp_path):
     assert all(t["visible"] == t["assigned"] and t["growth"] == "true" for t in tasks), tasks
     assert len({t["pid"] for t in tasks}) == 2 and sum(t["segmented"] for t in tasks) == 4
     assert result["segmented"] == 4  # the job's UDF under the same GPU scheduling
+
+
+def test_preview_lays_the_written_masks_over_their_photos_beside_the_output(spark, run_dir, tmp_path):
+    import cv2
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"p{i}.jpg").write_bytes(render.encode_jpeg(render.synthetic_pet(i, seed=7, size=(900, 600)).image))
+    (folder / "bad.jpg").write_bytes(b"nope")
+    heights = {}
+    for n in (2, 4):
+        out = tmp_path / f"masks{n}"
+        _, report = _infer(spark, f"infer.model={run_dir}", f"infer.input={folder}", f"infer.output={out}",
+                           f"infer.preview_images={n}")
+        assert report.preview == f"file://{out}_preview.png" and f"preview: {report.preview}" in report.format()
+        picture = cv2.imdecode(np.frombuffer((tmp_path / f"masks{n}_preview.png").read_bytes(), np.uint8),
+                               cv2.IMREAD_COLOR)
+        heights[n] = picture.shape[0]
+    assert heights[4] > 1.5 * heights[2]  # a second row of photos: one per segmented row asked for
+    # A Parquet input: the photos come from the input rows with the output's keys.
+    table = tmp_path / "table"
+    rows = [(f"k{i}", render.encode_png(render.synthetic_pet(i, seed=2, size=(60, 40)).image)) for i in range(3)]
+    spark.createDataFrame(rows, "key string, image binary").write.parquet(str(table))
+    _, report = _infer(spark, f"infer.model={run_dir}", f"infer.input={table}", f"infer.output={tmp_path / 'tm'}",
+                       "infer.preview_images=3")
+    assert (tmp_path / "tm_preview.png").stat().st_size > 1000
+    from petseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="infer.preview_images=3 is not allowed; use 0 with a table"):
+        _infer(spark, f"infer.model={run_dir}", f"infer.input={table}", "infer.output=some_table",
+               "infer.preview_images=3")

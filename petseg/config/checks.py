@@ -178,6 +178,11 @@ def _validate_infer(cfg: Config) -> None:
         i.input = _location(cfg, str(i.input), key="infer.input")
     if not is_table_name(str(i.output)):
         i.output = _location(cfg, str(i.output), key="infer.output")
+    _require(i.preview_images >= 0, "infer.preview_images", i.preview_images, "an integer >= 0 (0: no preview)")
+    _require(
+        not i.preview_images or not is_table_name(str(i.output)),
+        "infer.preview_images", i.preview_images, f"0 with a table infer.output={i.output!r} (the preview goes beside a folder)",
+    )
     if i.mode is not InferMode.batch:
         _require(i.limit is None, "infer.limit", i.limit, f"null with infer.mode={i.mode.value} (a limit is for batch runs)")
         _require(

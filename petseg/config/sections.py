@@ -139,6 +139,7 @@ class InferConfig:
     #: incremental, stream: the query's checkpoint; null: <output>/_checkpoint for a folder output
     checkpoint: Optional[str] = MISSING
     trigger_interval: str = MISSING
+    preview_images: int = MISSING
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterator, Tuple
 
 import pandas as pd
@@ -190,6 +190,7 @@ class InferReport:
     segmented: int = 0
     failed: dict[str, int] = field(default_factory=dict)  # error reason -> rows
     seconds: float = 0.0
+    preview: str | None = None
 
     @property
     def rows(self) -> int:
@@ -206,6 +207,8 @@ class InferReport:
         lines.append(f"  input:  {self.input} ({self.input_format})")
         lines.append(f"  model:  {self.model_uri} (version {self.model_version})")
         lines.append(f"  output: {self.output}")
+        if self.preview:
+            lines.append(f"  preview: {self.preview}")
         return "\n".join(lines)
 
 
@@ -314,6 +317,10 @@ def _segment_and_write(
         seconds=time.perf_counter() - start,
     )
     log.info("infer wrote %d rows to %s", report.rows, infer.output)
+    if infer.preview_images and segmented:
+        from petseg.infer.preview import write_preview
+
+        report = replace(report, preview=write_preview(spark, infer=infer, table=table))
     if not segmented:
         if not report.rows:
             if streaming:
