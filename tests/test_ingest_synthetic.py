@@ -120,3 +120,25 @@ def test_cli_demo_end_to_end(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "petseg.cli", "ingest", "data.image_size=tiny"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "data.image_size" in bad.stderr and "expected int" in bad.stderr
+
+
+def test_rejects_are_projected_and_shuffled_to_one_file_not_coalesced_with_the_images(spark, capsys):
+    """coalesce(1) would scan the whole cached frame, every image's bytes, in one task."""
+    from pyspark import StorageLevel
+
+    from petseg.ingest.convert import rejects_table
+
+    frame = spark.createDataFrame(
+        [(f"id{i}", "train", f"/p/{i}.jpg", b"\0" * 1000, "image_empty" if i % 3 else None, "d") for i in range(40)],
+        "id string, split string, path string, image binary, reason string, detail string",
+    ).repartition(4).persist(StorageLevel.MEMORY_AND_DISK)
+    frame.count()
+    try:
+        table = rejects_table(frame.where("reason is not null"))
+        assert table.columns == ["id", "split", "path", "reason", "detail"] and table.rdd.getNumPartitions() == 1
+        table.explain()
+        plan = capsys.readouterr().out
+        assert "Exchange SinglePartition" in plan and "Coalesce" not in plan
+        assert table.count() == 26
+    finally:
+        frame.unpersist()

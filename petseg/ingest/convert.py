@@ -158,10 +158,20 @@ def write_dataset(spark: SparkSession, examples: DataFrame, *, url: str, data: D
                 )
 
 
+def rejects_table(rejects: DataFrame) -> DataFrame:
+    """The rejects' columns in one partition, for one small file.
+
+    ``repartition(1)``, not ``coalesce(1)``: a coalesce would run everything upstream of it in a single
+    task, here a scan of the whole cached frame, images and all; the shuffle moves only the
+    projected reject rows, while the scan stays spread over the cluster.
+    """
+    return rejects.select([f.name for f in REJECTS_SCHEMA.fields]).repartition(1)
+
+
 def write_rejects(spark: SparkSession, rejects: DataFrame, *, url: str) -> None:
     """Write the rejects table (id, split, path, reason, detail) as Parquet, replacing ``url`` atomically."""
     with Storage(spark).atomic_output(url) as tmp:
-        rejects.select([f.name for f in REJECTS_SCHEMA.fields]).coalesce(1).write.mode("overwrite").parquet(tmp)
+        rejects_table(rejects).write.mode("overwrite").parquet(tmp)
 
 
 def run_ingest(spark: SparkSession, *, data: DataConfig) -> IngestReport:
