@@ -100,13 +100,14 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
     validation_weight = validation_steps * global_batch / spec["test_rows"]
     preprocessing = preprocessing_for(model_cfg["encoder_weights"])
     seed = train_cfg["seed"] + rank
-    with open_split(data["dataset"], split="train", fields=("id",), shard=rank, shard_count=workers, workers_count=1) as r:
-        shard_ids = sorted(row.id for row in r)
+    # From the Parquet footers: a count, not the shard's ids, which would take a pass over the shard
+    # and megabytes to the driver at a million rows. The training reader checks it every epoch.
+    shard_rows = rows_per_shard(data["dataset"], split="train", shard_count=workers)[rank]
     from petseg.env import visible_gpus
 
-    progress(f"worker {rank + 1}/{workers} reads {len(shard_ids)} of {spec['train_rows']} train rows"
+    progress(f"worker {rank + 1}/{workers} reads {shard_rows} of {spec['train_rows']} train rows"
              f" (CUDA_VISIBLE_DEVICES={visible_gpus()!r}, {len(tf.config.list_physical_devices('GPU'))} GPUs visible)",
-             rank=rank, shard_ids=shard_ids, cuda_visible_devices=visible_gpus())
+             rank=rank, shard_rows=shard_rows, cuda_visible_devices=visible_gpus())
 
     with open_split(data["dataset"], split="train", fields=("image", "mask"), shard=rank, shard_count=workers,
                     num_epochs=None, shuffle=True, seed=seed) as train_reader, \

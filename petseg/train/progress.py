@@ -25,8 +25,8 @@ from typing import Any, Iterator, NamedTuple
 
 log = logging.getLogger("petseg.train")
 
-#: Longest line kept, in bytes: a worker's first line lists the ids of its shard.
-MAX_LINE_BYTES = 1 << 20
+#: Longest line kept, in bytes: a line is one record (an epoch's metrics: a few hundred bytes).
+MAX_LINE_BYTES = 1 << 16
 #: Records kept per run: a few per worker plus one per epoch, with room to spare.
 MAX_RECORDS = 10_000
 #: Connections served at once: one per worker.
