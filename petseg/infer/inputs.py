@@ -71,16 +71,7 @@ def load_image_table(spark: SparkSession, *, infer: InferConfig) -> ImageTable:
     fmt = infer.input_format if infer.input_format is not InputFormat.auto else detect_format(spark, url)
     if fmt is InputFormat.images:
         return _image_files(spark, url, infer)
-    if fmt is InputFormat.table:
-        if not spark.catalog.tableExists(url):
-            raise InputError(f"infer.input={url!r} is not a table in the catalog; check the name or pass a path")
-        frame = spark.table(url)
-    else:
-        try:
-            frame = spark.read.parquet(url)
-        except Exception as exc:  # AnalysisException: path missing or not Parquet
-            raise InputError(f"cannot read infer.input={url!r} as Parquet ({_first_line(exc)}); check the path") from None
-    table = _image_columns(frame, fmt=fmt, url=url, infer=infer)
+    table = _image_columns(source_frame(spark, url, fmt), fmt=fmt, url=url, infer=infer)
     frame = table.frame
     if infer.limit:
         frame = frame.limit(infer.limit)
@@ -118,19 +109,31 @@ def load_image_stream(spark: SparkSession, *, infer: InferConfig) -> ImageTable:
             .select(F.regexp_replace("path", "^file:/(?!/)", "file:///").alias("path"), F.col("content").alias("image"))
         )
         table = ImageTable(frame=frame, key="path", format=fmt, reads_files=False, has_sizes=False)
-    elif fmt is InputFormat.table:
-        if not spark.catalog.tableExists(url):
-            raise InputError(f"infer.input={url!r} is not a table in the catalog; check the name or pass a path")
-        table = _image_columns(spark.readStream.table(url), fmt=fmt, url=url, infer=infer)
     else:
-        try:
-            schema = spark.read.parquet(url).schema  # a streaming file source needs its schema up front
-        except Exception as exc:  # AnalysisException: path missing or not Parquet
-            raise InputError(f"cannot read infer.input={url!r} as Parquet ({_first_line(exc)}); check the path") from None
-        table = _image_columns(spark.readStream.schema(schema).parquet(url), fmt=fmt, url=url, infer=infer)
+        table = _image_columns(source_frame(spark, url, fmt, stream=True), fmt=fmt, url=url, infer=infer)
     if infer.partitions:
         table = replace(table, frame=table.frame.repartition(infer.partitions))
     return table
+
+
+def source_frame(spark: SparkSession, url: str, fmt: InputFormat, *, stream: bool = False) -> DataFrame:
+    """A catalog table or a Parquet (or petseg) dataset as it is, batch or streaming.
+
+    Raises
+    ------
+    InputError
+        When the table does not exist, or the path is missing or not Parquet.
+    """
+    if fmt is InputFormat.table:
+        if not spark.catalog.tableExists(url):
+            raise InputError(f"infer.input={url!r} is not a table in the catalog; check the name or pass a path")
+        return spark.readStream.table(url) if stream else spark.table(url)
+    try:
+        frame = spark.read.parquet(url)
+    except Exception as exc:  # AnalysisException: path missing or not Parquet
+        raise InputError(f"cannot read infer.input={url!r} as Parquet ({_first_line(exc)}); check the path") from None
+    # A streaming file source needs its schema up front: the batch read's.
+    return spark.readStream.schema(frame.schema).parquet(url) if stream else frame
 
 
 def _image_columns(frame: DataFrame, *, fmt: InputFormat, url: str, infer: InferConfig) -> ImageTable:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import cv2
 import numpy as np
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from petseg.config import InferConfig, InferMode, InputFormat
+from petseg.config import InferConfig, InputFormat
 from petseg.data.decode import decode_rgb, resize_mask
 from petseg.errors import RejectedInput
-from petseg.infer.inputs import ImageTable, load_image_table
+from petseg.infer.inputs import ImageTable, source_frame
 from petseg.io.fs import Storage, read_file
 from petseg.io.urls import is_table_name
 
@@ -43,8 +41,10 @@ def write_preview(spark: SparkSession, *, infer: InferConfig, table: ImageTable)
     if table.format is InputFormat.images:
         images = {k: read_file(k) for k in keys}
     else:
-        source = load_image_table(spark, infer=replace(infer, limit=None, mode=InferMode.batch)).frame
-        images = {r[key]: r["image"] for r in source.where(F.col(key).isin(keys)).select(key, "image").collect()}
+        # The input as it is: no limit, and no repartition shuffling its images to find a few keys.
+        source = source_frame(spark, str(infer.input), table.format)
+        picked = source.where(F.col(key).isin(keys)).select(key, F.col(infer.image_column).alias("image"))
+        images = {r[key]: r["image"] for r in picked.collect()}
     titles, photos, masks = [], [], []
     for row in sample:
         mask = cv2.imdecode(np.frombuffer(row["mask_png"], np.uint8), cv2.IMREAD_UNCHANGED)
@@ -52,8 +52,8 @@ def write_preview(spark: SparkSession, *, infer: InferConfig, table: ImageTable)
             photo = decode_rgb(images.get(row[key]), min_side=PREVIEW_SIDE)
         except RejectedInput:
             continue  # changed since the job read it
-        scale = PREVIEW_SIDE / max(mask.shape)
-        size = (max(1, round(mask.shape[0] * min(1.0, scale))), max(1, round(mask.shape[1] * min(1.0, scale))))
+        factor = min(1.0, PREVIEW_SIDE / max(mask.shape))  # shrink large photos, never enlarge small ones
+        size = tuple(max(1, round(side * factor)) for side in mask.shape)
         titles.append(str(row[key]).rsplit("/", 1)[-1])  # a path by its file name
         photos.append(cv2.resize(photo, (size[1], size[0]), interpolation=cv2.INTER_AREA))
         masks.append(resize_mask(mask, size))
