@@ -232,6 +232,8 @@ def segment_stream(
                     ready.append(image)
                     shapes.append(shape)
                     index.append(i)
+                # Chunked here, not only in predict_labels, so each chunk's masks encode on the pool
+                # while the next chunk is predicted.
                 for first in range(0, len(ready), batch_size):
                     labels = loaded.predict_labels(np.stack(ready[first:first + batch_size]), batch_size=batch_size)
                     for i, shape, mask_model in zip(index[first:], shapes[first:], labels):

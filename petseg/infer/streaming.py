@@ -12,10 +12,11 @@ run redoes that micro-batch from the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -86,13 +87,14 @@ def run_query(
         writer = writer.trigger(processingTime=infer.trigger_interval)
     output = str(infer.output)
     query = writer.toTable(output) if is_table_name(output) else writer.format("parquet").start(output)
-    seen: set[str] = set()
+    last_batch = -1  # batch ids only grow: the last one counted is all the state needed
 
     def collect() -> None:
+        nonlocal last_batch
         for progress in query.recentProgress:
             counts = progress.get("observedMetrics", {}).get(COUNTS)
-            if counts is not None and progress["batchId"] not in seen:
-                seen.add(progress["batchId"])
+            if counts is not None and progress["batchId"] > last_batch:
+                last_batch = progress["batchId"]
                 on_batch({k: int(v) for k, v in counts.items()})
 
     with _stop_on_signals() as stop:
@@ -110,20 +112,17 @@ def run_query(
         raise error
 
 
-class _stop_on_signals:
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
     """An event set by SIGTERM (what Databricks, YARN and Kubernetes send to stop a job) or SIGINT,
     so the stream stops between polls; the previous handlers come back on exit."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __enter__(self) -> threading.Event:
-        self.event = threading.Event()
-        self.previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
-            for sig in self.SIGNALS:
-                self.previous[sig] = signal.signal(sig, lambda *_: self.event.set())
-        return self.event
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self.previous.items():
+    stop = threading.Event()
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
             signal.signal(sig, handler)
