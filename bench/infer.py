@@ -74,7 +74,7 @@ def bare_loop(run: Path, photos: Path, out: Path, *, batch: int) -> float:
     import pyarrow.parquet as pq
 
     from petseg.data.decode import decode_for_model, resize_mask
-    from petseg.infer.segment import encode_mask
+    from petseg.infer.segment import class_fractions, encode_mask
     from petseg.io.fs import list_files, read_file
     from petseg.model import artifact
 
@@ -83,17 +83,16 @@ def bare_loop(run: Path, photos: Path, out: Path, *, batch: int) -> float:
     loaded.predict_labels(np.zeros((batch, size, size, 3), np.uint8), batch_size=batch)  # trace
     start = time.perf_counter()
     files = sorted(list_files(str(photos)))
-    rows: dict[str, list] = {"path": [], "mask_png": [], "pet": []}
+    rows: dict[str, list] = {"path": [], "mask_png": [], "fractions": []}
     for first in range(0, len(files), batch):
         chunk = files[first:first + batch]
         decoded = [decode_for_model(read_file(f), size=size) for f in chunk]
         labels = loaded.predict_labels(np.stack([image for image, _ in decoded]), batch_size=batch)
         for path, (_, shape), label in zip(chunk, decoded, labels):
             mask = resize_mask(label, shape)
-            counts = np.bincount(mask.ravel(), minlength=3)
             rows["path"].append(path)
             rows["mask_png"].append(encode_mask(mask))
-            rows["pet"].append(float(counts[0] / mask.size))
+            rows["fractions"].append(list(class_fractions(mask, len(loaded.classes))))
     pq.write_table(pa.table(rows), str(out))
     return len(files) / (time.perf_counter() - start)
 
