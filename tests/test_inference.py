@@ -292,6 +292,24 @@ def test_listing_follows_hadoop_globs_and_spark_hidden_names(tmp_path):
     assert list_files(f"{root}/a.jpg") == [f"{root}/a.jpg"] and list_files(f"{root}/missing") == []
 
 
+def test_wide_trees_are_listed_on_the_executors_with_the_same_rules(spark, tmp_path, capsys):
+    from petseg.io.fs import list_files, list_files_frame
+
+    for name in ["a.jpg", "b.png", "_SUCCESS", ".hidden/x.jpg", "sub/d.jpg", "sub/deeper/e.jpg", "2024-01/e.jpg",
+                 "2024-02/f.jpg", "2024-02/.g.jpg", "_tmp/f.jpg", "part=1/g.jpg"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")  # empty files are listed too: they become error rows
+    root = f"file://{tmp_path}"
+    for url in [root, f"{root}/*.jpg", f"{root}/2024-*", f"{root}/2024-*/*.jpg", f"{root}/[as]*/*.jpg",
+                f"{root}/{{sub,part=1}}", f"{root}/a.jpg", f"{root}/missing"]:
+        frame = list_files_frame(spark, url, parallel_folders=1)
+        assert sorted(r.path for r in frame.collect()) == sorted(list_files(url)), url
+    list_files_frame(spark, root, parallel_folders=1).explain()
+    assert "MapInPandas" in capsys.readouterr().out  # the subfolders were listed by tasks
+    list_files_frame(spark, root).explain()
+    assert "MapInPandas" not in capsys.readouterr().out  # 4 subfolders: listed on the driver
+
+
 def _cli(spark, *args: str) -> int:
     """``petseg <args>`` through :func:`petseg.cli.main` on the test session (spark.master is null, so
     the active session is used and left running); the confs it applies are put back."""

@@ -9,14 +9,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import BinaryType, LongType, StringType, StructField, StructType, TimestampType
 
 from petseg.config import InferConfig, InputFormat
 from petseg.errors import InputError
-from petseg.io.fs import Storage, is_glob, list_files
+from petseg.io.fs import Storage, is_glob, list_files_frame
 
 #: Key columns tried, in order, when infer.key_column is null.
 KEY_CANDIDATES = ("id", "path", "key")
@@ -155,21 +154,21 @@ def _image_columns(frame: DataFrame, *, fmt: InputFormat, url: str, infer: Infer
 
 
 def _image_files(spark: SparkSession, url: str, infer: InferConfig) -> ImageTable:
-    # Listed on the driver rather than with Spark's binaryFile source, which silently skips
+    # Listed by petseg rather than with Spark's binaryFile source, which silently skips
     # zero-length files (SPARK-26161) and fails the whole job on one unreadable file; here each
-    # becomes a row with an error.
+    # becomes a row with an error. Wide trees are listed on the executors.
     try:
-        files = sorted(list_files(url))
+        frame = list_files_frame(spark, url)
+        if infer.limit:
+            frame = frame.orderBy("path").limit(infer.limit)
+        count = frame.count()
     except OSError as exc:
         raise InputError(f"cannot list infer.input={url!r}: {exc}") from None
-    if not files:
+    if not count:
         raise InputError(f"infer.input={url!r} matches no files; check the folder or glob")
-    if infer.limit:
-        files = files[: infer.limit]
-    partitions = infer.partitions or max(spark.sparkContext.defaultParallelism, math.ceil(len(files) / FILES_PER_TASK))
-    schema = StructType([StructField("path", StringType(), False)])
-    frame = spark.createDataFrame(pd.DataFrame({"path": files}), schema).repartition(partitions)
-    return ImageTable(frame=frame, key="path", format=InputFormat.images, reads_files=True, has_sizes=False)
+    partitions = infer.partitions or max(spark.sparkContext.defaultParallelism, math.ceil(count / FILES_PER_TASK))
+    return ImageTable(frame=frame.repartition(partitions), key="path", format=InputFormat.images, reads_files=True,
+                      has_sizes=False)
 
 
 def _key_column(frame: DataFrame, configured: str | None, url: str) -> str:

@@ -13,14 +13,19 @@ import logging
 import re
 import uuid
 from fnmatch import fnmatchcase
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
-from pyspark.sql import SparkSession
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
 
 from petseg.errors import RejectedInput
 from petseg.io import urls
 
 log = logging.getLogger(__name__)
+
+#: Subfolders from which a listing runs on the executors, a task per few folders (Spark lists a
+#: table's partition folders in parallel from 32, spark.sql.sources.parallelPartitionDiscovery.threshold).
+PARALLEL_LISTING_FOLDERS = 32
 
 
 class Storage:
@@ -116,31 +121,111 @@ def list_files(url: str) -> list[str]:
     ``_`` are hidden, as Spark treats them. The URLs come back in the form ``url`` was given, their
     paths literal (see :mod:`petseg.io.urls`), so :func:`read_file` opens each as listed. pyarrow
     lists a whole tree in one native call (7 us a file here), where walking Hadoop's iterator
-    through py4j costs ~4 ms a file.
+    through py4j costs ~4 ms a file. :func:`list_files_frame` lists wide trees on the executors.
     """
-    from pyarrow import fs as pafs
+    target = _ListTarget.of(url)
+    kind = target.kind()
+    if kind == "file":
+        return [target.url(target.base_path)] if not target.globbed else []
+    return target.walk() if kind == "folder" else []
 
-    parts = urls.split_url(url)
-    components = parts.path.split("/")
-    first_glob = next((i for i, part in enumerate(components) if is_glob(part)), None)
-    base_path = "/".join(components[:first_glob]) if first_glob is not None else parts.path
-    fs, base = urls.arrow_filesystem(parts.with_path(base_path))
-    info = fs.get_file_info(base)
-    if info.type == pafs.FileType.File:
-        return [parts.with_path(base_path)] if first_glob is None else []
-    if info.type != pafs.FileType.Directory:
-        return []
-    patterns = [p.split("/") for p in _expand_braces("/".join(components[first_glob:]))] if first_glob is not None else [[]]
-    found = []
-    for entry in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
-        if entry.type != pafs.FileType.File:
-            continue
-        relative = entry.path[len(base.rstrip("/")) + 1:].split("/")
-        if any(part.startswith((".", "_")) and "=" not in part for part in relative):
-            continue
-        if any(len(relative) >= len(p) and all(fnmatchcase(r, q) for r, q in zip(relative, p)) for p in patterns):
-            found.append(parts.with_path(f"{base_path.rstrip('/')}/{'/'.join(relative)}"))
-    return found
+
+def list_files_frame(spark: SparkSession, url: str, *, parallel_folders: int = PARALLEL_LISTING_FOLDERS) -> DataFrame:
+    """:func:`list_files` as a one-column (``path``) DataFrame, listed on the executors when wide.
+
+    Where the listed folder (the part of ``url`` before its first glob) holds ``parallel_folders``
+    or more subfolders that can match, each is listed by a task, so that a bucket of dated folders
+    is listed in parallel and its paths never pass through the driver; its own files, and smaller
+    trees, are listed on the driver. A flat folder of a million files is one listing call either way.
+    """
+    target = _ListTarget.of(url)
+    folders = target.folders() if target.kind() == "folder" else []
+    if len(folders) < parallel_folders:
+        return _paths_frame(spark, list_files(url))
+
+    def list_folders(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for batch in batches:
+            for folder in batch["folder"]:
+                yield pd.DataFrame({"path": target.walk(folder)}, dtype=object)
+
+    tasks = min(len(folders), 4 * spark.sparkContext.defaultParallelism)
+    listed = (
+        spark.createDataFrame(pd.DataFrame({"folder": folders}), "folder string")
+        .repartition(tasks)
+        .mapInPandas(list_folders, "path string")
+    )
+    return listed.unionByName(_paths_frame(spark, target.walk(recursive=False)))
+
+
+def _paths_frame(spark: SparkSession, paths: list[str]) -> DataFrame:
+    # Through pandas and Arrow: one driver-side conversion, no Python task to serve the rows.
+    return spark.createDataFrame(pd.DataFrame({"path": paths}, dtype=object), "path string")
+
+
+def _hidden(part: str) -> bool:
+    # Spark's rule: _x and .x are hidden, but not a partition folder such as _c=1.
+    return part.startswith((".", "_")) and "=" not in part
+
+
+class _ListTarget(NamedTuple):
+    """A URL to list, split at its first glob component: the folder to list and the patterns (a
+    list of path components each, braces expanded) that relative paths under it must match."""
+
+    parts: urls.Url
+    base_path: str
+    patterns: tuple[tuple[str, ...], ...]
+    globbed: bool
+
+    @classmethod
+    def of(cls, url: str) -> "_ListTarget":
+        parts = urls.split_url(url)
+        components = parts.path.split("/")
+        first_glob = next((i for i, part in enumerate(components) if is_glob(part)), None)
+        if first_glob is None:
+            return cls(parts, parts.path, ((),), False)
+        patterns = tuple(tuple(p.split("/")) for p in _expand_braces("/".join(components[first_glob:])))
+        return cls(parts, "/".join(components[:first_glob]), patterns, True)
+
+    def url(self, path: str) -> str:
+        return self.parts.with_path(path)
+
+    def kind(self) -> str:
+        """file, folder or missing: what the base path is."""
+        from pyarrow import fs as pafs
+
+        fs, base = urls.arrow_filesystem(self.url(self.base_path))
+        kind = fs.get_file_info(base).type
+        return "file" if kind == pafs.FileType.File else "folder" if kind == pafs.FileType.Directory else "missing"
+
+    def matches(self, relative: list[str]) -> bool:
+        if any(_hidden(part) for part in relative):
+            return False
+        return any(len(relative) >= len(p) and all(fnmatchcase(r, q) for r, q in zip(relative, p))
+                   for p in self.patterns)
+
+    def folders(self) -> list[str]:
+        """The base's visible subfolders that a pattern's first component matches (names only)."""
+        from pyarrow import fs as pafs
+
+        fs, base = urls.arrow_filesystem(self.url(self.base_path))
+        names = [e.base_name for e in fs.get_file_info(pafs.FileSelector(base)) if e.type == pafs.FileType.Directory]
+        return sorted(n for n in names if not _hidden(n) and any(not p or fnmatchcase(n, p[0]) for p in self.patterns))
+
+    def walk(self, folder: str = "", *, recursive: bool = True) -> list[str]:
+        """URLs of the matching files under the base, or under its subfolder ``folder``."""
+        from pyarrow import fs as pafs
+
+        fs, base = urls.arrow_filesystem(self.url(self.base_path))
+        base = base.rstrip("/")
+        found = []
+        selector = pafs.FileSelector(f"{base}/{folder}" if folder else base, recursive=recursive)
+        for entry in fs.get_file_info(selector):
+            if entry.type != pafs.FileType.File:
+                continue
+            relative = entry.path[len(base) + 1:].split("/")
+            if self.matches(relative):
+                found.append(self.url(f"{self.base_path.rstrip('/')}/{'/'.join(relative)}"))
+        return found
 
 
 def is_glob(path: str) -> bool:
