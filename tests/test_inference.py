@@ -152,6 +152,31 @@ def test_job_on_a_parquet_table_keeps_bad_rows_and_original_sizes(spark, run_dir
     assert again.rows == 2 and spark.read.parquet(str(tmp_path / "masks")).count() == 2
 
 
+def test_arrow_batches_are_bounded_by_the_bytes_of_their_images(spark, run_dir, tmp_path):
+    import cv2
+
+    from petseg.infer.job import LARGE_VAR_TYPES_CONF
+
+    rng = np.random.default_rng(4)
+    photos = [cv2.imencode(".png", rng.integers(0, 255, (90, 120, 3), dtype=np.uint8))[1].tobytes() for _ in range(7)]
+    largest = max(map(len, photos))
+    src = tmp_path / "big.parquet"
+    spark.createDataFrame([(f"p{i}", p) for i, p in enumerate(photos)], "id string, image binary").write.parquet(str(src))
+    # Room for two and a half of the largest images: two rows per batch, not infer.arrow_batch_rows.
+    _, report = _infer(spark, f"infer.model={run_dir}", f"infer.input={src}", f"infer.output={tmp_path / 'masks'}",
+                       f"infer.arrow_batch_bytes={int(2.5 * largest)}", "infer.arrow_batch_rows=64", "infer.batch_size=2")
+    assert report.arrow_batch_rows == 2 and report.segmented == 7
+    assert spark.conf.get(LARGE_VAR_TYPES_CONF, None) != "true"  # the job's confs are put back
+    # File paths are read inside the UDF, so only rows bound their batches.
+    folder = tmp_path / "files"
+    folder.mkdir()
+    for i, photo in enumerate(photos[:3]):
+        (folder / f"p{i}.png").write_bytes(photo)
+    _, report = _infer(spark, f"infer.model={run_dir}", f"infer.input={folder}", f"infer.output={tmp_path / 'm2'}",
+                       f"infer.arrow_batch_bytes={largest}", "infer.arrow_batch_rows=64", "infer.batch_size=2")
+    assert report.arrow_batch_rows == 64 and report.segmented == 3
+
+
 def test_job_on_a_folder_of_files_reports_empty_and_unreadable(spark, run_dir, tmp_path):
     from petseg.errors import RejectedInput
     from petseg.io.fs import read_file

@@ -169,6 +169,8 @@ def _validate_infer(cfg: Config) -> None:
         i.arrow_batch_rows,
         f"an integer >= infer.batch_size={i.batch_size} (rows handed to the UDF at once)",
     )
+    _require(i.arrow_batch_bytes >= 1, "infer.arrow_batch_bytes", i.arrow_batch_bytes,
+             "an integer >= 1 (bytes of encoded images per UDF batch)")
     _require(i.limit is None or i.limit >= 1, "infer.limit", i.limit, "null or an integer >= 1")
     _require(i.partitions is None or i.partitions >= 1, "infer.partitions", i.partitions, "null or an integer >= 1")
     i.model = _location(cfg, str(i.model), key="infer.model")

@@ -132,6 +132,7 @@ class InferConfig:
     output: Optional[str] = MISSING
     batch_size: int = MISSING
     arrow_batch_rows: int = MISSING
+    arrow_batch_bytes: int = MISSING
     partitions: Optional[int] = MISSING
     limit: Optional[int] = MISSING
     model_resolution: bool = MISSING

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -22,6 +23,9 @@ KEY_CANDIDATES = ("id", "path", "key")
 #: Rows per task when the job lists files itself: a few Arrow batches, so the per-task cost stays
 #: small beside the model's work, and enough tasks to spread over the cluster.
 FILES_PER_TASK = 1024
+#: Rows whose image sizes set the rows per Arrow batch: the input's first rows (its first files or
+#: row groups), so sizing costs no pass over the input.
+SIZE_SAMPLE_ROWS = 256
 #: Spark's binaryFile source's columns: a streaming source must be given its schema.
 BINARY_FILE_SCHEMA = StructType([
     StructField("path", StringType(), False),
@@ -41,6 +45,8 @@ class ImageTable:
     format: InputFormat
     reads_files: bool
     has_sizes: bool
+    #: The largest encoded image among the first :data:`SIZE_SAMPLE_ROWS` rows; None for file paths.
+    row_bytes: int | None = None
 
 
 def detect_format(spark: SparkSession, url: str) -> InputFormat:
@@ -71,6 +77,7 @@ def load_image_table(spark: SparkSession, *, infer: InferConfig) -> ImageTable:
     if fmt is InputFormat.images:
         return _image_files(spark, url, infer)
     table = _image_columns(source_frame(spark, url, fmt), fmt=fmt, url=url, infer=infer)
+    table = replace(table, row_bytes=sampled_row_bytes(table.frame))  # before a shuffle, so only the start is read
     frame = table.frame
     if infer.limit:
         frame = frame.limit(infer.limit)
@@ -100,19 +107,31 @@ def load_image_stream(spark: SparkSession, *, infer: InferConfig) -> ImageTable:
         if not is_glob(url) and not Storage(spark).is_dir(url):
             raise InputError(f"infer.input={url!r} is not a folder; point the stream at the folder images arrive in")
         frame = (
-            spark.readStream.format("binaryFile").schema(BINARY_FILE_SCHEMA)
-            # A folder is read with everything under it, as batch runs list it.
-            .option("recursiveFileLookup", str(not is_glob(url)).lower())
-            .load(url)
+            _binary_files(spark.readStream.schema(BINARY_FILE_SCHEMA), url)
             # Hadoop writes a local file's URL file:/x; batch runs list it as file:///x. One form for both.
             .select(F.regexp_replace("path", "^file:/(?!/)", "file:///").alias("path"), F.col("content").alias("image"))
         )
+        sample = _binary_files(spark.read, url).select(F.col("content").alias("image"))
         table = ImageTable(frame=frame, key="path", format=fmt, reads_files=False, has_sizes=False)
     else:
+        sample = _image_columns(source_frame(spark, url, fmt), fmt=fmt, url=url, infer=infer).frame
         table = _image_columns(source_frame(spark, url, fmt, stream=True), fmt=fmt, url=url, infer=infer)
+    # A stream's batches are sized from what the source already holds (the same kind of images).
+    table = replace(table, row_bytes=sampled_row_bytes(sample))
     if infer.partitions:
         table = replace(table, frame=table.frame.repartition(infer.partitions))
     return table
+
+
+def _binary_files(reader: Any, url: str) -> DataFrame:
+    # A folder is read with everything under it, as batch runs list it.
+    return reader.format("binaryFile").option("recursiveFileLookup", str(not is_glob(url)).lower()).load(url)
+
+
+def sampled_row_bytes(frame: DataFrame, column: str = "image") -> int:
+    """The largest value of a binary column among a frame's first :data:`SIZE_SAMPLE_ROWS` rows (0 if none)."""
+    largest = frame.select(F.length(column).alias("n")).limit(SIZE_SAMPLE_ROWS).agg(F.max("n")).first()[0]
+    return int(largest or 0)
 
 
 def source_frame(spark: SparkSession, url: str, fmt: InputFormat, *, stream: bool = False) -> DataFrame:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 #: The Arrow batch size conf: rows handed to a pandas UDF at once.
 ARROW_BATCH_CONF = "spark.sql.execution.arrow.maxRecordsPerBatch"
+#: 64-bit offsets for binary columns in Arrow batches (Spark >= 3.5): a batch whose images the sample
+#: under-estimated costs memory, rather than failing past Arrow's 2 GB of bytes per column.
+LARGE_VAR_TYPES_CONF = "spark.sql.execution.arrow.useLargeVarTypes"
 
 #: What the UDF returns per row: masks as PNG (original and model resolution), the mask's size,
 #: class fractions, and the error that replaced them for a bad row.
@@ -191,6 +195,7 @@ class InferReport:
     failed: dict[str, int] = field(default_factory=dict)  # error reason -> rows
     seconds: float = 0.0
     preview: str | None = None
+    arrow_batch_rows: int | None = None
 
     @property
     def rows(self) -> int:
@@ -290,9 +295,9 @@ def _segment_and_write(
         F.lit(version).alias("model_version"),
         "s.error",
     )
-    previous = spark.conf.get(ARROW_BATCH_CONF, None)
-    spark.conf.set(ARROW_BATCH_CONF, str(infer.arrow_batch_rows))
-    try:
+    batch_rows = arrow_batch_rows(infer, row_bytes=table.row_bytes)
+    log.info("infer: %d rows per Arrow batch (largest sampled image %s bytes)", batch_rows, table.row_bytes)
+    with session_confs(spark, {ARROW_BATCH_CONF: str(batch_rows), LARGE_VAR_TYPES_CONF: "true"}):
         if streaming:
             counts: Counter[str] = Counter()
             run_query(spark, observe_counts(out), infer=infer, on_batch=counts.update)
@@ -300,11 +305,6 @@ def _segment_and_write(
             failed = {reason: n for reason, n in counts.items() if n}
         else:
             segmented, failed = _count_written(write_output(spark, out, output=str(infer.output)))
-    finally:
-        if previous is None:
-            spark.conf.unset(ARROW_BATCH_CONF)
-        else:
-            spark.conf.set(ARROW_BATCH_CONF, previous)
     report = InferReport(
         input=str(infer.input),
         input_format=table.format.value,
@@ -315,6 +315,7 @@ def _segment_and_write(
         segmented=segmented,
         failed=failed,
         seconds=time.perf_counter() - start,
+        arrow_batch_rows=batch_rows,
     )
     log.info("infer wrote %d rows to %s", report.rows, infer.output)
     if infer.preview_images and segmented:
@@ -333,6 +334,30 @@ def _segment_and_write(
             f"the error column of {report.output} says why for each row: fix those inputs"
         )
     return report
+
+
+def arrow_batch_rows(infer: InferConfig, *, row_bytes: int | None) -> int:
+    """Rows per Arrow batch: ``infer.arrow_batch_rows``, fewer where that many images of ``row_bytes``
+    (the largest sampled; None when rows hold file paths) would pass ``infer.arrow_batch_bytes``."""
+    if not row_bytes:
+        return infer.arrow_batch_rows
+    return max(1, min(infer.arrow_batch_rows, infer.arrow_batch_bytes // row_bytes))
+
+
+@contextlib.contextmanager
+def session_confs(spark: SparkSession, confs: dict[str, str]) -> Iterator[None]:
+    """Set session confs for the block, then put back what was there (or unset them)."""
+    previous = {key: spark.conf.get(key, None) for key in confs}
+    for key, value in confs.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
 
 
 def _count_written(written: DataFrame) -> tuple[int, dict[str, int]]:
