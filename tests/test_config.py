@@ -126,3 +126,10 @@ def test_executors_python_is_this_interpreter_for_local_masters_only(monkeypatch
     monkeypatch.delenv("PYSPARK_PYTHON", raising=False)
     env.prepare_process_environment(master=master)
     assert os.environ.get("PYSPARK_PYTHON") == expected
+
+
+def test_a_spark_conf_override_keeps_its_dotted_key_whole():
+    cfg = config.load(overrides=["spark.conf.spark.driver.memory=1g", "spark.conf.spark.sql.shuffle.partitions=8",
+                                 "data.source=synthetic", "data.dataset=/tmp/pets"])
+    assert cfg.spark.conf["spark.driver.memory"] == "1g" and cfg.spark.conf["spark.sql.shuffle.partitions"] == "8"
+    assert "spark" not in cfg.spark.conf  # not spark -> driver -> memory

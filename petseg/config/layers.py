@@ -26,6 +26,8 @@ from petseg.errors import ConfigError
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 BASE_CONF = CONF_DIR / "base.yaml"
 LOCAL_CONF = CONF_DIR / "local.yaml"
+#: Overrides under this prefix set one Spark conf each, whatever dots its key holds.
+SPARK_CONF_PREFIX = "spark.conf."
 
 
 def load(
@@ -50,8 +52,12 @@ def load(
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not of the form key=value, e.g. data.image_size=64")
+    # A Spark conf's own key holds dots (spark.conf.spark.driver.memory=1g): one key, not a path.
+    spark_confs = {o.split("=", 1)[0][len(SPARK_CONF_PREFIX):]: o.split("=", 1)[1]
+                   for o in overrides if o.startswith(SPARK_CONF_PREFIX)}
     try:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers.append(OmegaConf.from_dotlist([o for o in overrides if not o.startswith(SPARK_CONF_PREFIX)]))
+        layers.append(OmegaConf.create({"spark": {"conf": spark_confs}}))
         merged = OmegaConf.merge(*layers)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
