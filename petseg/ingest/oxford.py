@@ -16,7 +16,6 @@ id with two sets of pixels: every image file of that stem is rejected as ``dupli
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
@@ -88,14 +87,16 @@ def load_oxford(
 
     # Zero-length files are invisible to Spark's file listing (SPARK-26161, SPARK-27291), yet an empty
     # image is bad input to report, not to lose. Look for them only where a file was expected.
-    census = _census(listed, images, trimaps)
-    empty_images = _empty_files(storage, images_url, census.absent_images, IMAGE_EXTENSIONS)
-    empty_trimaps = _empty_files(storage, trimaps_url, census.absent_trimaps, TRIMAP_EXTENSIONS)
-    if not census.any_image and not empty_images:
-        raise InputError(f"{images_url} holds no image files ({IMAGE_GLOB}); is data.input the right folder?")
+    image_keys, trimap_keys = image_rows.select("id", "path"), mask_rows.select("id", "path")
+    empty_images = _empty_files(storage, images_url, _expected_but_absent(listed, trimap_keys, image_keys),
+                                IMAGE_EXTENSIONS)
+    empty_trimaps = _empty_files(storage, trimaps_url, _expected_but_absent(listed, image_keys, trimap_keys),
+                                 TRIMAP_EXTENSIONS)
     image_rows = _with_empty_files(spark, image_rows, empty_images, "image")
     mask_rows = _with_empty_files(spark, mask_rows, empty_trimaps, "mask")
     image_keys, trimap_keys = image_rows.select("id", "path"), mask_rows.select("id", "path")
+    if image_keys.isEmpty():
+        raise InputError(f"{images_url} holds no image files ({IMAGE_GLOB}); is data.input the right folder?")
 
     # Images last: where both sides have duplicates, the images' detail wins.
     image_duplicates = _duplicate_ids(image_keys, "image files")
@@ -104,7 +105,8 @@ def load_oxford(
     )
     # One trimap row per stem, so the join below gives each image file exactly one row.
     masks = mask_rows.select("id", "mask").join(F.broadcast(duplicates), "id", "left_anti")
-    if census.trimap_bytes <= broadcast_bytes:
+    trimap_bytes = trimaps.agg(F.sum("length")).first()[0] or 0  # from the listing; no trimap is read
+    if trimap_bytes <= broadcast_bytes:
         # The large side (images) stays in its scan partitions, merged into fewer tasks.
         paired = image_rows.coalesce(partitions).join(F.broadcast(masks), "id", "left")
     else:
@@ -146,40 +148,17 @@ def _binary_files(spark: SparkSession, url: str, glob: str) -> DataFrame:
     return spark.read.format("binaryFile").option("pathGlobFilter", glob).load(url)
 
 
-class _Census(NamedTuple):
-    trimap_bytes: int
-    any_image: bool
-    absent_images: list[str]  # stems listed or with a trimap, but no image file
-    absent_trimaps: list[str]  # stems listed or with an image file, but no trimap
+def _expected_but_absent(listed: DataFrame, other_side: DataFrame, keys: DataFrame) -> set[str]:
+    """Stems named by the split lists or the other folder but with no file in ``keys``: the only
+    stems that reach the driver, a handful in a sound release."""
+    expected = listed.select("id").unionByName(other_side.select("id")).distinct()
+    return {row.id for row in expected.join(keys.select("id"), "id", "left_anti").collect()}
 
 
-def _census(listed: DataFrame, images: DataFrame, trimaps: DataFrame) -> _Census:
-    """What the driver must know before pairing, in one Spark job over the listings (no file is
-    read): the trimaps' bytes, and the stems with a file missing on one side, a handful in a sound
-    release, the only stems that reach the driver."""
-    zero = F.lit(0)
-    keys = (
-        listed.select("id", F.lit(1).alias("listed"), zero.alias("image"), zero.alias("trimap"), zero.alias("bytes"))
-        .unionByName(images.select(_stem().alias("id"), zero.alias("listed"), F.lit(1).alias("image"),
-                                   zero.alias("trimap"), zero.alias("bytes")))
-        .unionByName(trimaps.select(_stem().alias("id"), zero.alias("listed"), zero.alias("image"),
-                                    F.lit(1).alias("trimap"), F.col("length").alias("bytes")))
-    )
-    by_id = keys.groupBy("id").agg(F.max("image").alias("image"), F.max("trimap").alias("trimap"),
-                                   F.sum("bytes").alias("bytes"))
-    row = by_id.agg(
-        F.sum("bytes").alias("bytes"),
-        F.max("image").alias("any_image"),
-        F.collect_list(F.when(F.col("image") == 0, F.col("id"))).alias("absent_images"),
-        F.collect_list(F.when(F.col("trimap") == 0, F.col("id"))).alias("absent_trimaps"),
-    ).first()
-    return _Census(int(row.bytes or 0), bool(row.any_image), sorted(row.absent_images), sorted(row.absent_trimaps))
-
-
-def _empty_files(storage: Storage, url: str, stems: list[str], extensions: tuple[str, ...]) -> list[tuple[str, str]]:
+def _empty_files(storage: Storage, url: str, stems: set[str], extensions: tuple[str, ...]) -> list[tuple[str, str]]:
     """(stem, path) of zero-length files named ``<stem>.<ext>`` under ``url``, for the given stems."""
     found = []
-    for stem in stems:
+    for stem in sorted(stems):
         for path, length in storage.glob(url, f"{stem}.*"):
             if length == 0 and path.rsplit(".", 1)[-1] in extensions:
                 found.append((stem, path))
