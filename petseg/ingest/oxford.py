@@ -1,11 +1,9 @@
 """The Oxford-IIIT Pet release as distributed: images/, annotations/trimaps/, annotations/{trainval,test}.txt.
 
 Images and trimaps are paired by file stem with a join, and splits come from the list files, never
-from sort order. Images are read with Spark's binaryFile source and stay in their scan partitions
-when the trimaps are few enough to broadcast to them (the release's 7,390 are ~22 MB); beyond
-:data:`TRIMAP_BROADCAST_BYTES` both are joined by key, a shuffle that no driver or broadcast limit
-bounds. Pairing, duplicate and missing-file checks are DataFrame operations: only the anomalies
-(stems with a file missing on one side) ever reach the driver, so it stays flat as the data grows.
+from sort order. Images are read with Spark's binaryFile source and stay in their scan partitions;
+the trimaps (~3 KB each, ~22 MB for the whole release) and the lists are broadcast to them, so the
+large side is never shuffled.
 
 Images that are in neither list are dropped and reported in the rejects table as
 ``not_in_split_lists``: the split lists define the benchmark, and guessing a split would leak test
@@ -14,8 +12,6 @@ id with two sets of pixels: every image file of that stem is rejected as ``dupli
 """
 
 from __future__ import annotations
-
-import functools
 
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
@@ -32,10 +28,7 @@ IMAGE_GLOB = "*.{" + ",".join(IMAGE_EXTENSIONS) + "}"
 TRIMAP_GLOB = "*.{" + ",".join(TRIMAP_EXTENSIONS) + "}"
 #: List file -> split name (TFDS and the reference notebook call trainval "train").
 SPLIT_LISTS = {"train": "annotations/trainval.txt", "test": "annotations/test.txt"}
-#: Trimaps up to this many bytes in all are broadcast to the images, which then stay in their scan
-#: partitions. A broadcast is built on the driver (a few times its size in JVM memory), so 64 MiB
-#: keeps a 1 GB driver safe; Oxford's 22 MB fits, a million trimaps (~3 GB) are joined by key.
-TRIMAP_BROADCAST_BYTES = 64 * 1024 * 1024
+
 
 
 def _stem(path: str = "path") -> F.Column:
@@ -44,9 +37,7 @@ def _stem(path: str = "path") -> F.Column:
     return F.regexp_extract(path, r"([^/]+)\.[A-Za-z0-9]+$", 1)
 
 
-def load_oxford(
-    spark: SparkSession, *, root: str, partitions: int, broadcast_bytes: int = TRIMAP_BROADCAST_BYTES
-) -> DataFrame:
+def load_oxford(spark: SparkSession, *, root: str, partitions: int) -> DataFrame:
     """Pair the release's images with their trimaps and splits.
 
     Parameters
@@ -56,8 +47,6 @@ def load_oxford(
     partitions
         Decode in this many tasks. binaryFile splits by bytes into many small tasks; merging them
         (a narrow coalesce, no shuffle) saves the fixed cost of each Python task.
-    broadcast_bytes
-        Broadcast the trimaps when their files add up to at most this; otherwise join by key.
 
     Raises
     ------
@@ -79,40 +68,57 @@ def load_oxford(
             f"no split lists under {root}/annotations: expected trainval.txt and/or test.txt from annotations.tar.gz"
         )
 
+    # File names only (binaryFile reads no content for these), gathered on the driver: ~7,400 short rows.
     images = _binary_files(spark, images_url, IMAGE_GLOB)
     trimaps = _binary_files(spark, trimaps_url, TRIMAP_GLOB)
+    image_files, trimap_files = _paths_by_stem(images), _paths_by_stem(trimaps)
     listed = _read_lists(spark, list_urls)
-    image_rows = images.select(_stem().alias("id"), "path", F.col("content").alias("image"))
-    mask_rows = trimaps.select(_stem().alias("id"), "path", F.col("content").alias("mask"))
 
     # Zero-length files are invisible to Spark's file listing (SPARK-26161, SPARK-27291), yet an empty
     # image is bad input to report, not to lose. Look for them only where a file was expected.
-    image_keys, trimap_keys = image_rows.select("id", "path"), mask_rows.select("id", "path")
-    empty_images = _empty_files(storage, images_url, _expected_but_absent(listed, trimap_keys, image_keys),
+    empty_images = _empty_files(storage, images_url, (set(listed) | set(trimap_files)) - set(image_files),
                                 IMAGE_EXTENSIONS)
-    empty_trimaps = _empty_files(storage, trimaps_url, _expected_but_absent(listed, image_keys, trimap_keys),
+    empty_trimaps = _empty_files(storage, trimaps_url, (set(listed) | set(image_files)) - set(trimap_files),
                                  TRIMAP_EXTENSIONS)
-    image_rows = _with_empty_files(spark, image_rows, empty_images, "image")
-    mask_rows = _with_empty_files(spark, mask_rows, empty_trimaps, "mask")
-    image_keys, trimap_keys = image_rows.select("id", "path"), mask_rows.select("id", "path")
-    if image_keys.isEmpty():
+    for found, empty in ((image_files, empty_images), (trimap_files, empty_trimaps)):
+        for stem, paths in empty.items():
+            found.setdefault(stem, []).extend(paths)
+    image_ids, trimap_ids = set(image_files), set(trimap_files)
+    if not image_ids:
         raise InputError(f"{images_url} holds no image files ({IMAGE_GLOB}); is data.input the right folder?")
 
-    # Images last: where both sides have duplicates, the images' detail wins.
-    image_duplicates = _duplicate_ids(image_keys, "image files")
-    duplicates = image_duplicates.unionByName(
-        _duplicate_ids(trimap_keys, "trimaps").join(image_duplicates, "id", "left_anti")
-    )
+    image_rows = images.select(_stem().alias("id"), "path", F.col("content").alias("image"))
+    if empty_images:
+        ids, paths = zip(*[(stem, path) for stem, found in empty_images.items() for path in found])
+        image_rows = image_rows.unionByName(_local(spark, {"id": ids, "path": paths, "image": [b""] * len(ids)},
+                                                   "id string, path string, image binary"))
+    mask_rows = trimaps.select(_stem().alias("id"), F.col("content").alias("mask"))
+    if empty_trimaps:
+        ids = [stem for stem, found in empty_trimaps.items() for _ in found]
+        mask_rows = mask_rows.unionByName(_local(spark, {"id": ids, "mask": [b""] * len(ids)}, "id string, mask binary"))
+    duplicates = _duplicate_ids(image_files, trimap_files)
     # One trimap row per stem, so the join below gives each image file exactly one row.
-    masks = mask_rows.select("id", "mask").join(F.broadcast(duplicates), "id", "left_anti")
-    trimap_bytes = trimaps.agg(F.sum("length")).first()[0] or 0  # from the listing; no trimap is read
-    if trimap_bytes <= broadcast_bytes:
-        # The large side (images) stays in its scan partitions, merged into fewer tasks.
-        paired = image_rows.coalesce(partitions).join(F.broadcast(masks), "id", "left")
-    else:
-        paired = image_rows.join(masks, "id", "left")
-    # Lists and duplicates hold an id and a few words per image: small beside the images, broadcast.
-    paired = paired.join(F.broadcast(listed), "id", "left").join(F.broadcast(duplicates), "id", "left")
+    if duplicates:
+        mask_rows = mask_rows.where(~F.col("id").isin(list(duplicates)))
+    duplicate_rows = _local(spark, {"id": list(duplicates), "duplicate": list(duplicates.values())},
+                            "id string, duplicate string")
+    split_rows = _local(
+        spark,
+        {
+            "id": list(listed),
+            "split": [split if n == 1 else None for split, _, n in listed.values()],
+            "n_lists": [n for _, _, n in listed.values()],
+        },
+        "id string, split string, n_lists int",
+    )
+
+    # The large side (images) stays in its scan partitions; trimaps and lists are broadcast to it.
+    paired = (
+        image_rows.coalesce(partitions)
+        .join(F.broadcast(mask_rows), "id", "left")
+        .join(F.broadcast(split_rows), "id", "left")
+        .join(F.broadcast(duplicate_rows), "id", "left")
+    )
     reason = (
         F.when(F.col("duplicate").isNotNull(), F.lit("duplicate_id"))
         .when(F.col("mask").isNull(), F.lit("mask_missing"))
@@ -128,18 +134,17 @@ def load_oxford(
     pairs = paired.select("id", "split", "path", "image", "mask", reason.alias("reason"), detail.alias("detail"))
 
     # Trimaps without an image, and listed stems with no file at all, are reported too: nothing is lost.
-    image_ids, trimap_ids = image_keys.select("id"), trimap_keys.select("id")
-    trimaps_alone = trimap_keys.join(image_ids, "id", "left_anti").groupBy("id").agg(
-        F.lit(None).cast("string").alias("split"),
-        F.min("path").alias("path"),
-        F.lit("image_missing").alias("reason"),
-        F.concat(F.lit("trimap has no image "), F.col("id"), F.lit(f".* in {images_url}")).alias("detail"),
-    )
-    listed_alone = listed.join(image_ids, "id", "left_anti").join(trimap_ids, "id", "left_anti").select(
-        "id", "split", F.col("list_path").alias("path"), F.lit("listed_files_missing").alias("reason"),
-        F.lit("listed, but neither image nor trimap exists").alias("detail"),
-    )
-    for extra in (trimaps_alone, listed_alone):
+    unpaired = [
+        (stem, None, f"{trimaps_url}/{stem}.png", "image_missing", f"trimap has no image {stem}.* in {images_url}")
+        for stem in sorted(trimap_ids - image_ids)
+    ] + [
+        (stem, listed[stem][0], listed[stem][1], "listed_files_missing", "listed, but neither image nor trimap exists")
+        for stem in sorted(set(listed) - image_ids - trimap_ids)
+    ]
+    if unpaired:
+        columns = ["id", "split", "path", "reason", "detail"]
+        extra = _local(spark, {c: [row[i] for row in unpaired] for i, c in enumerate(columns)},
+                       ", ".join(f"{c} string" for c in columns))
         pairs = pairs.unionByName(extra, allowMissingColumns=True)
     return pairs.select([f.name for f in PAIRS_SCHEMA.fields])
 
@@ -148,61 +153,48 @@ def _binary_files(spark: SparkSession, url: str, glob: str) -> DataFrame:
     return spark.read.format("binaryFile").option("pathGlobFilter", glob).load(url)
 
 
-def _expected_but_absent(listed: DataFrame, other_side: DataFrame, keys: DataFrame) -> set[str]:
-    """Stems named by the split lists or the other folder but with no file in ``keys``: the only
-    stems that reach the driver, a handful in a sound release."""
-    expected = listed.select("id").unionByName(other_side.select("id")).distinct()
-    return {row.id for row in expected.join(keys.select("id"), "id", "left_anti").collect()}
+def _local(spark: SparkSession, columns: dict[str, list], schema: str) -> DataFrame:
+    """A small driver-side table; built from pandas through Arrow, so no Python task has to serve it."""
+    return spark.createDataFrame(pd.DataFrame(columns), schema)
 
 
-def _empty_files(storage: Storage, url: str, stems: set[str], extensions: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(stem, path) of zero-length files named ``<stem>.<ext>`` under ``url``, for the given stems."""
-    found = []
-    for stem in sorted(stems):
-        for path, length in storage.glob(url, f"{stem}.*"):
-            if length == 0 and path.rsplit(".", 1)[-1] in extensions:
-                found.append((stem, path))
+def _paths_by_stem(files: DataFrame) -> dict[str, list[str]]:
+    """stem -> paths of the listed files."""
+    found: dict[str, list[str]] = {}
+    for row in files.select(_stem().alias("id"), "path").collect():
+        found.setdefault(row.id, []).append(row.path)
     return found
 
 
-def _with_empty_files(spark: SparkSession, rows: DataFrame, empty: list[tuple[str, str]], column: str) -> DataFrame:
-    """``rows`` (id, path, <column>) plus a row with no bytes for each empty file; built from pandas
-    through Arrow, so no Python task has to serve it."""
-    if not empty:
-        return rows
-    ids, paths = zip(*empty)
-    extra = pd.DataFrame({"id": ids, "path": paths, column: [b""] * len(ids)})
-    return rows.unionByName(spark.createDataFrame(extra, f"id string, path string, {column} binary"))
+def _empty_files(storage: Storage, url: str, stems: set[str], extensions: tuple[str, ...]) -> dict[str, list[str]]:
+    """stem -> paths of zero-length files named ``<stem>.<ext>`` under ``url``, for the given stems."""
+    found: dict[str, list[str]] = {}
+    for stem in sorted(stems):
+        for path, length in storage.glob(url, f"{stem}.*"):
+            if length == 0 and path.rsplit(".", 1)[-1] in extensions:
+                found.setdefault(stem, []).append(path)
+    return found
 
 
-def _duplicate_ids(keys: DataFrame, what: str) -> DataFrame:
-    """(id, duplicate: why its images are rejected) for stems with several files in ``keys``: the
+def _duplicate_ids(images: dict[str, list[str]], trimaps: dict[str, list[str]]) -> dict[str, str]:
+    """stem -> why its images are rejected, for stems with several image files or several trimaps: the
     stem is the example's id, and no rule could say which file it should be."""
-    names = F.array_join(F.sort_array(F.collect_list(F.regexp_extract("path", r"[^/]+$", 0))), ", ")
-    return (
-        keys.groupBy("id")
-        .agg(F.count("*").alias("n"), names.alias("names"))
-        .where(F.col("n") > 1)
-        .select("id", F.format_string(
-            f"%d {what} share the id '%s' (%s); keep one %s.* and rename or remove the others",
-            "n", "id", "names", "id",
-        ).alias("duplicate"))
-    )
+    found: dict[str, str] = {}
+    for what, files in (("trimaps", trimaps), ("image files", images)):  # images last: their detail wins
+        for stem, paths in files.items():
+            if len(paths) > 1:
+                names = ", ".join(sorted(p.rsplit("/", 1)[-1] for p in paths))
+                found[stem] = (f"{len(paths)} {what} share the id {stem!r} ({names}); keep one {stem}.* "
+                               f"and rename or remove the others")
+    return found
 
 
-def _read_lists(spark: SparkSession, lists: dict[str, str]) -> DataFrame:
-    """(id, split, list_path, n_lists) from the release's list files, one row per listed id; split is
-    null for an id in both lists. '#' starts a comment; the id is a line's first word."""
-    lines = functools.reduce(DataFrame.unionByName, [
-        spark.read.text(url).select(F.lit(split).alias("split"), F.lit(url).alias("list_path"),
-                                    F.trim("value").alias("line"))
-        for split, url in lists.items()
-    ])
-    lines = lines.where((F.col("line") != "") & ~F.col("line").startswith("#"))
-    return (
-        lines.select(F.split("line", r"\s+").getItem(0).alias("id"), "split", "list_path")
-        .groupBy("id")
-        .agg(F.countDistinct("split").alias("n_lists"), F.min("split").alias("split"),
-             F.min("list_path").alias("list_path"))
-        .select("id", F.when(F.col("n_lists") == 1, F.col("split")).alias("split"), "list_path", "n_lists")
-    )
+def _read_lists(spark: SparkSession, lists: dict[str, str]) -> dict[str, tuple[str, str, int]]:
+    """id -> (split, list path, number of lists naming it), from the release's list files; '#' starts a comment."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    for split, url in lists.items():
+        for row in spark.read.text(url).collect():
+            line = row.value.strip()
+            if line and not line.startswith("#"):
+                found.setdefault(line.split()[0], []).append((split, url))
+    return {stem: (entries[0][0], entries[0][1], len({s for s, _ in entries})) for stem, entries in found.items()}
