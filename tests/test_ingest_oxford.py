@@ -145,3 +145,22 @@ def test_files_sharing_a_stem_are_each_rejected_as_duplicate_ids(spark, tmp_path
     for split in ("train", "test"):
         with open_split(data.dataset, split=split, fields=("id",)) as reader:
             assert not {row.id for row in reader} & {"Twin_1", "Masks_1"}
+
+
+def test_trimaps_past_the_broadcast_budget_are_joined_by_key_with_the_same_pairs(spark, oxford_dir, capsys):
+    from petseg.ingest.oxford import load_oxford
+
+    def pairs_and_plan(**kwargs):
+        frame = load_oxford(spark, root=str(oxford_dir.root), partitions=2, **kwargs)
+        frame.explain()
+        plan = capsys.readouterr().out
+        rows = {(r.id, r.split, r.path, r.reason, r.detail, r.image is not None, r.mask is not None)
+                for r in frame.collect()}
+        return rows, plan.count("SortMergeJoin")
+
+    broadcast, broadcast_joins = pairs_and_plan()
+    keyed, keyed_joins = pairs_and_plan(broadcast_bytes=0)
+    assert keyed == broadcast
+    assert {row[0] for row in keyed} >= set(oxford_dir.expected_reasons) | set(oxford_dir.accepted)
+    # Past the budget the images meet their trimaps in a shuffle by id, not a broadcast.
+    assert keyed_joins > broadcast_joins

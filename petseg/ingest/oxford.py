@@ -3,7 +3,8 @@
 Images and trimaps are paired by file stem with a join, and splits come from the list files, never
 from sort order. Images are read with Spark's binaryFile source and stay in their scan partitions;
 the trimaps (~3 KB each, ~22 MB for the whole release) and the lists are broadcast to them, so the
-large side is never shuffled.
+large side is never shuffled. Trimaps over :data:`TRIMAP_BROADCAST_BYTES` in all are joined by key
+instead: a shuffle, which no driver memory or broadcast limit bounds.
 
 Images that are in neither list are dropped and reported in the rejects table as
 ``not_in_split_lists``: the split lists define the benchmark, and guessing a split would leak test
@@ -28,6 +29,10 @@ IMAGE_GLOB = "*.{" + ",".join(IMAGE_EXTENSIONS) + "}"
 TRIMAP_GLOB = "*.{" + ",".join(TRIMAP_EXTENSIONS) + "}"
 #: List file -> split name (TFDS and the reference notebook call trainval "train").
 SPLIT_LISTS = {"train": "annotations/trainval.txt", "test": "annotations/test.txt"}
+#: Trimaps up to this many bytes in all are broadcast to the images. A broadcast is built on the
+#: driver (a few times its size in JVM memory), so 64 MiB keeps a 1 GB driver safe; the release's
+#: 22 MB fits, a million trimaps (~3 GB) are joined by key.
+TRIMAP_BROADCAST_BYTES = 64 * 1024 * 1024
 
 
 
@@ -37,7 +42,9 @@ def _stem(path: str = "path") -> F.Column:
     return F.regexp_extract(path, r"([^/]+)\.[A-Za-z0-9]+$", 1)
 
 
-def load_oxford(spark: SparkSession, *, root: str, partitions: int) -> DataFrame:
+def load_oxford(
+    spark: SparkSession, *, root: str, partitions: int, broadcast_bytes: int = TRIMAP_BROADCAST_BYTES
+) -> DataFrame:
     """Pair the release's images with their trimaps and splits.
 
     Parameters
@@ -47,6 +54,8 @@ def load_oxford(spark: SparkSession, *, root: str, partitions: int) -> DataFrame
     partitions
         Decode in this many tasks. binaryFile splits by bytes into many small tasks; merging them
         (a narrow coalesce, no shuffle) saves the fixed cost of each Python task.
+    broadcast_bytes
+        Broadcast the trimaps when their files add up to at most this; otherwise join by key.
 
     Raises
     ------
@@ -72,6 +81,9 @@ def load_oxford(spark: SparkSession, *, root: str, partitions: int) -> DataFrame
     images = _binary_files(spark, images_url, IMAGE_GLOB)
     trimaps = _binary_files(spark, trimaps_url, TRIMAP_GLOB)
     image_files, trimap_files = _paths_by_stem(images), _paths_by_stem(trimaps)
+    trimap_bytes = sum(length for paths in trimap_files.values() for _, length in paths)
+    image_files = {stem: [path for path, _ in paths] for stem, paths in image_files.items()}
+    trimap_files = {stem: [path for path, _ in paths] for stem, paths in trimap_files.items()}
     listed = _read_lists(spark, list_urls)
 
     # Zero-length files are invisible to Spark's file listing (SPARK-26161, SPARK-27291), yet an empty
@@ -112,11 +124,13 @@ def load_oxford(spark: SparkSession, *, root: str, partitions: int) -> DataFrame
         "id string, split string, n_lists int",
     )
 
-    # The large side (images) stays in its scan partitions; trimaps and lists are broadcast to it.
+    # The large side (images) stays in its scan partitions; trimaps (when small) and lists are broadcast to it.
+    if trimap_bytes <= broadcast_bytes:
+        paired = image_rows.coalesce(partitions).join(F.broadcast(mask_rows), "id", "left")
+    else:
+        paired = image_rows.join(mask_rows, "id", "left")
     paired = (
-        image_rows.coalesce(partitions)
-        .join(F.broadcast(mask_rows), "id", "left")
-        .join(F.broadcast(split_rows), "id", "left")
+        paired.join(F.broadcast(split_rows), "id", "left")
         .join(F.broadcast(duplicate_rows), "id", "left")
     )
     reason = (
@@ -158,11 +172,11 @@ def _local(spark: SparkSession, columns: dict[str, list], schema: str) -> DataFr
     return spark.createDataFrame(pd.DataFrame(columns), schema)
 
 
-def _paths_by_stem(files: DataFrame) -> dict[str, list[str]]:
-    """stem -> paths of the listed files."""
-    found: dict[str, list[str]] = {}
-    for row in files.select(_stem().alias("id"), "path").collect():
-        found.setdefault(row.id, []).append(row.path)
+def _paths_by_stem(files: DataFrame) -> dict[str, list[tuple[str, int]]]:
+    """stem -> (path, length) of the listed files; no file is read."""
+    found: dict[str, list[tuple[str, int]]] = {}
+    for row in files.select(_stem().alias("id"), "path", "length").collect():
+        found.setdefault(row.id, []).append((row.path, row.length))
     return found
 
 
