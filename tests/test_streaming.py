@@ -50,6 +50,10 @@ def test_incremental_runs_segment_only_new_images_once_even_after_a_run_killed_m
 
     nothing = _infer(spark, *args)  # a scheduled run with nothing new succeeds and segments nothing
     assert nothing.rows == 0
+    # A glob that matches nothing yet is a stream still waiting for files, not an error.
+    waiting = _infer(spark, f"infer.model={exported_run}", f"infer.input={photos}/later-*.jpg",
+                     f"infer.output={tmp_path / 'later'}", "infer.mode=incremental")
+    assert waiting.rows == 0 and waiting.arrow_batch_rows == 256
 
     # A run killed after its tasks wrote their files, before the driver committed the micro-batch:
     # Spark's sink log and the query's commit log lack the batch, its files are on disk.

@@ -111,13 +111,13 @@ def load_image_stream(spark: SparkSession, *, infer: InferConfig) -> ImageTable:
             # Hadoop writes a local file's URL file:/x; batch runs list it as file:///x. One form for both.
             .select(F.regexp_replace("path", "^file:/(?!/)", "file:///").alias("path"), F.col("content").alias("image"))
         )
-        sample = _binary_files(spark.read, url).select(F.col("content").alias("image"))
+        sample = _existing_images(spark, url)
         table = ImageTable(frame=frame, key="path", format=fmt, reads_files=False, has_sizes=False)
     else:
         sample = _image_columns(source_frame(spark, url, fmt), fmt=fmt, url=url, infer=infer).frame
         table = _image_columns(source_frame(spark, url, fmt, stream=True), fmt=fmt, url=url, infer=infer)
     # A stream's batches are sized from what the source already holds (the same kind of images).
-    table = replace(table, row_bytes=sampled_row_bytes(sample))
+    table = replace(table, row_bytes=None if sample is None else sampled_row_bytes(sample))
     if infer.partitions:
         table = replace(table, frame=table.frame.repartition(infer.partitions))
     return table
@@ -126,6 +126,17 @@ def load_image_stream(spark: SparkSession, *, infer: InferConfig) -> ImageTable:
 def _binary_files(reader: Any, url: str) -> DataFrame:
     # A folder is read with everything under it, as batch runs list it.
     return reader.format("binaryFile").option("recursiveFileLookup", str(not is_glob(url)).lower()).load(url)
+
+
+def _existing_images(spark: SparkSession, url: str) -> DataFrame | None:
+    """The image files a stream's folder or glob already holds, as (image); None while a glob matches
+    nothing yet (a batch read refuses such a path; a stream waits for files)."""
+    try:
+        return _binary_files(spark.read, url).select(F.col("content").alias("image"))
+    except Exception as exc:  # AnalysisException [PATH_NOT_FOUND]
+        if "PATH_NOT_FOUND" not in str(exc) and "Path does not exist" not in str(exc):
+            raise
+        return None
 
 
 def sampled_row_bytes(frame: DataFrame, column: str = "image") -> int:
