@@ -124,10 +124,7 @@ def list_files(url: str) -> list[str]:
     through py4j costs ~4 ms a file. :func:`list_files_frame` lists wide trees on the executors.
     """
     target = _ListTarget.of(url)
-    kind = target.kind()
-    if kind == "file":
-        return [target.url(target.base_path)] if not target.globbed else []
-    return target.walk() if kind == "folder" else []
+    return target.files(target.kind())
 
 
 def list_files_frame(spark: SparkSession, url: str, *, parallel_folders: int = PARALLEL_LISTING_FOLDERS) -> DataFrame:
@@ -139,9 +136,10 @@ def list_files_frame(spark: SparkSession, url: str, *, parallel_folders: int = P
     trees, are listed on the driver. A flat folder of a million files is one listing call either way.
     """
     target = _ListTarget.of(url)
-    folders = target.folders() if target.kind() == "folder" else []
+    kind = target.kind()
+    folders = target.folders() if kind == "folder" else []
     if len(folders) < parallel_folders:
-        return _paths_frame(spark, list_files(url))
+        return _paths_frame(spark, target.files(kind))
 
     def list_folders(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for batch in batches:
@@ -196,6 +194,12 @@ class _ListTarget(NamedTuple):
         fs, base = urls.arrow_filesystem(self.url(self.base_path))
         kind = fs.get_file_info(base).type
         return "file" if kind == pafs.FileType.File else "folder" if kind == pafs.FileType.Directory else "missing"
+
+    def files(self, kind: str) -> list[str]:
+        """URLs of every matching file, listed here, given what the base is (:meth:`kind`)."""
+        if kind == "file":
+            return [] if self.globbed else [self.url(self.base_path)]
+        return self.walk() if kind == "folder" else []
 
     def matches(self, relative: list[str]) -> bool:
         if any(_hidden(part) for part in relative):
