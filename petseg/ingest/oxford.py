@@ -80,10 +80,7 @@ def load_oxford(
     # File names only (binaryFile reads no content for these), gathered on the driver: ~7,400 short rows.
     images = _binary_files(spark, images_url, IMAGE_GLOB)
     trimaps = _binary_files(spark, trimaps_url, TRIMAP_GLOB)
-    image_files, trimap_files = _paths_by_stem(images), _paths_by_stem(trimaps)
-    trimap_bytes = sum(length for paths in trimap_files.values() for _, length in paths)
-    image_files = {stem: [path for path, _ in paths] for stem, paths in image_files.items()}
-    trimap_files = {stem: [path for path, _ in paths] for stem, paths in trimap_files.items()}
+    (image_files, _), (trimap_files, trimap_bytes) = _paths_by_stem(images), _paths_by_stem(trimaps)
     listed = _read_lists(spark, list_urls)
 
     # Zero-length files are invisible to Spark's file listing (SPARK-26161, SPARK-27291), yet an empty
@@ -172,12 +169,14 @@ def _local(spark: SparkSession, columns: dict[str, list], schema: str) -> DataFr
     return spark.createDataFrame(pd.DataFrame(columns), schema)
 
 
-def _paths_by_stem(files: DataFrame) -> dict[str, list[tuple[str, int]]]:
-    """stem -> (path, length) of the listed files; no file is read."""
-    found: dict[str, list[tuple[str, int]]] = {}
+def _paths_by_stem(files: DataFrame) -> tuple[dict[str, list[str]], int]:
+    """(stem -> paths, total bytes) of the listed files; no file is read."""
+    found: dict[str, list[str]] = {}
+    total = 0
     for row in files.select(_stem().alias("id"), "path", "length").collect():
-        found.setdefault(row.id, []).append((row.path, row.length))
-    return found
+        found.setdefault(row.id, []).append(row.path)
+        total += row.length
+    return found, total
 
 
 def _empty_files(storage: Storage, url: str, stems: set[str], extensions: tuple[str, ...]) -> dict[str, list[str]]:
