@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 from pyspark.sql import SparkSession
 
 from petseg.config import SparkConfig
@@ -26,3 +29,19 @@ def get_or_create(spark_cfg: SparkConfig) -> SparkSession:
 def task_cpus(spark: SparkSession) -> int:
     """Cores Spark gives each task (``spark.task.cpus``): the TensorFlow threads a UDF task may use."""
     return int(spark.sparkContext.getConf().get("spark.task.cpus", "1"))
+
+
+@contextlib.contextmanager
+def session_confs(spark: SparkSession, confs: dict[str, str]) -> Iterator[None]:
+    """Set session confs for the block, then put back what was there (or unset them)."""
+    previous = {key: spark.conf.get(key, None) for key in confs}
+    for key, value in confs.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections import Counter
@@ -19,11 +18,11 @@ from petseg.config import InferConfig, InferMode, MlflowConfig, to_dict
 from petseg.data.decode import CLASSES, DEFAULT_MAX_IMAGE_PIXELS
 from petseg.env import pin_task_gpus
 from petseg.errors import InputError
-from petseg.infer.streaming import check_output, observe_counts, run_query
+from petseg.infer.streaming import check_output, error_reason, observe_counts, run_query
 from petseg.io.fs import Storage
 from petseg.io.urls import is_table_name
 from petseg.model import artifact
-from petseg.session import task_cpus
+from petseg.session import session_confs, task_cpus
 from petseg.tracking import flatten, tracked_run
 
 if TYPE_CHECKING:
@@ -344,27 +343,11 @@ def arrow_batch_rows(infer: InferConfig, *, row_bytes: int | None) -> int:
     return max(1, min(infer.arrow_batch_rows, infer.arrow_batch_bytes // row_bytes))
 
 
-@contextlib.contextmanager
-def session_confs(spark: SparkSession, confs: dict[str, str]) -> Iterator[None]:
-    """Set session confs for the block, then put back what was there (or unset them)."""
-    previous = {key: spark.conf.get(key, None) for key in confs}
-    for key, value in confs.items():
-        spark.conf.set(key, value)
-    try:
-        yield
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                spark.conf.unset(key)
-            else:
-                spark.conf.set(key, value)
-
-
 def _count_written(written: DataFrame) -> tuple[int, dict[str, int]]:
     """(segmented, failed rows per reason), counted from what was written: reading a few columns back
     beats running the model twice."""
     counts = (
-        written.select(F.split(F.col("error"), ":").getItem(0).alias("reason"))
+        written.select(error_reason().alias("reason"))
         .groupBy("reason")
         .count()
         .collect()

@@ -18,7 +18,7 @@ import signal
 import threading
 from typing import Any, Callable, Iterator
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from petseg.config import InferConfig, InferMode
@@ -61,11 +61,16 @@ def check_output(spark: SparkSession, infer: InferConfig) -> None:
         )
 
 
+def error_reason() -> Column:
+    """The reason of a row's ``error`` (``<reason>: <detail>``); null for a segmented row."""
+    return F.split(F.col("error"), ":").getItem(0)
+
+
 def observe_counts(frame: DataFrame) -> DataFrame:
     """``frame`` reporting, per micro-batch, how many rows it segmented and how many failed for each reason."""
     from petseg.infer.segment import ERROR_REASONS
 
-    reason = F.split(F.col("error"), ":").getItem(0)
+    reason = error_reason()
     return frame.observe(
         COUNTS,
         F.count_if(F.col("error").isNull()).alias("segmented"),
