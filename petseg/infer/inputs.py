@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import BinaryType, LongType, StringType, StructField, StructType, TimestampType
@@ -133,7 +134,7 @@ def _existing_images(spark: SparkSession, url: str) -> DataFrame | None:
     nothing yet (a batch read refuses such a path; a stream waits for files)."""
     try:
         return _binary_files(spark.read, url).select(F.col("content").alias("image"))
-    except Exception as exc:  # AnalysisException [PATH_NOT_FOUND]
+    except AnalysisException as exc:
         if "PATH_NOT_FOUND" not in str(exc) and "Path does not exist" not in str(exc):
             raise
         return None
