@@ -1,5 +1,6 @@
 """Reading a dataset back: every row of a shard exactly once per epoch, or a loud failure."""
 
+import itertools
 from collections import Counter
 
 import pytest
@@ -55,3 +56,13 @@ def test_a_reader_that_stops_early_fails_loudly_and_early_rows_wait_for_their_ep
     arrived = [_Row(k) for k in "abacbc"]
     got = [r.source_path for r in _cut_epochs(iter(arrived), rows_per_epoch=3, num_epochs=2, shard="s")]
     assert got == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_an_endless_read_that_cannot_complete_its_epoch_fails_instead_of_hanging():
+    # Keys that repeat before the shard's count is reached (duplicate keys, or footers that count rows
+    # the reader never delivers): an endless reader never stops, so only the repeats can tell.
+    pulled = []
+    endless = (pulled.append(k) or _Row(k) for k, _ in zip(itertools.cycle("ab"), range(100_000)))
+    with pytest.raises(IncompleteReadError, match="repeated a source_path"):
+        list(_cut_epochs(endless, rows_per_epoch=3, num_epochs=1, shard="s"))
+    assert len(pulled) <= 8  # it failed after two epochs' worth of repeats, not after the source ran dry

@@ -150,6 +150,15 @@ def _cut_epochs(rows: Iterator[Any], *, rows_per_epoch: int, num_epochs: int | N
             key = getattr(row, _ROW_KEY)
             if key in seen:
                 early.append(row)
+                # Rows of the next epoch arrive early by a row group or so (one per extra worker);
+                # two whole epochs of repeats mean this one can never complete, and an endless read
+                # would hang here, holding rows, instead of failing.
+                if len(early) >= 2 * rows_per_epoch:
+                    raise IncompleteReadError(
+                        f"{shard}: {len(early)} rows repeated a {_ROW_KEY} already read this epoch before the "
+                        f"shard's {rows_per_epoch} rows arrived ({len(seen)} did); its {_ROW_KEY} values are not "
+                        "unique or its Parquet footers count rows the reader does not deliver: re-ingest the dataset"
+                    )
                 continue
             seen.add(key)
             yield row
