@@ -105,10 +105,29 @@ def test_training_takes_the_stored_image_size_and_refuses_another(spark, small_d
         run_train(spark, cfg=_train_on(small_dataset, tmp_path, "model.n_depth=5"))
 
 
+def test_reading_the_stored_image_size_prints_no_petastorm_warnings(small_dataset):
+    import warnings
+
+    from petseg.train.launch import stored_image_size
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # as a fresh shell's python shows each FutureWarning
+        assert stored_image_size(small_dataset) == 40
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+
+
 def test_imagenet_weights_that_cannot_be_fetched_fail_on_the_driver_before_any_spark_job(spark, small_dataset,
-                                                                                         tmp_path):
-    """This machine has no internet (nor cached weights): the fetch fails, and no barrier stage starts."""
+                                                                                         tmp_path, monkeypatch):
+    """No cached weights and no way out: the fetch fails, and no barrier stage starts."""
     from petseg.train import TrainError, run_train
+
+    # On any machine, with internet or Keras's cache or not: an empty home (Keras caches in
+    # ~/.keras/models) and a proxy on a closed loopback port, which refuses at once.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
 
     cfg = _train_on(small_dataset, tmp_path, "model.encoder_weights=imagenet", "train.local_mode=false",
                     "train.num_slots=1")

@@ -236,7 +236,9 @@ def test_the_train_job_prints_each_epoch_once_no_noise_and_its_failure_last(tiny
     """
     cmd = [sys.executable, "-m", "petseg.cli", "train", "spark.master=local[2]", f"data.dataset={tiny_dataset}",
            f"train.output_dir={tmp_path / 'run'}", *TINY, "train.num_slots=1", "train.stop_after_epoch=1"]
-    env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_PYTHON", "TF_CPP_MIN_LOG_LEVEL")}
+    # As a fresh shell has it: petseg sets these for its own child processes, and this test process
+    # has them from the session fixture; inherited, they would hide the driver's own warnings.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_PYTHON", "TF_CPP_MIN_LOG_LEVEL", "PYTHONWARNINGS")}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     console = done.stdout + done.stderr
     assert done.returncode == 1, console[-4000:]

@@ -10,8 +10,10 @@ from typing import Any, Callable
 
 from pyspark.sql import SparkSession
 
+from petseg import env
 from petseg.config import Config, redact_secrets, to_dict
 from petseg.data.reader import dataset_fingerprint, split_stats
+from petseg.data.schema import ignore_petastorm_pyarrow_deprecations
 from petseg.errors import InputError
 from petseg.io import urls
 from petseg.io.fs import Storage
@@ -99,6 +101,7 @@ def stored_image_size(dataset_url: str) -> int:
     """The side of the images a dataset stores, from its Unischema (Petastorm's metadata, unpickled)."""
     from petastorm.etl.dataset_metadata import get_schema_from_dataset_url
 
+    ignore_petastorm_pyarrow_deprecations()
     reader_url, filesystem = urls.petastorm_source(dataset_url)
     return int(get_schema_from_dataset_url(reader_url, filesystem=filesystem).fields["image"].shape[0])
 
@@ -129,7 +132,8 @@ def check_encoder_weights(cfg: Config) -> None:
     from petseg.model.unet import fetch_imagenet_weights
 
     try:
-        fetch_imagenet_weights()
+        with env.quiet_tensorflow_start_up():  # the driver's first TensorFlow import, on its console
+            fetch_imagenet_weights()
     except RuntimeError as exc:
         raise TrainError(str(exc)) from None
 
