@@ -13,7 +13,7 @@ import sys
 import traceback
 from typing import TYPE_CHECKING, Sequence
 
-from petseg import config
+from petseg import config, env
 from petseg.errors import ConfigError, InputError, traceback_reason
 
 if TYPE_CHECKING:
@@ -51,13 +51,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = 2 if isinstance(exc, ConfigError) else 1
         failure = f"petseg: {current.stage} failed: {failure_reason(exc)}"
     finally:
-        # Stop only a session petseg started itself: on Databricks, or under spark-submit, the
-        # session belongs to the cluster or the submitter (stopping Databricks' context fails the job).
-        if spark is not None and cfg.spark.master is not None:
-            spark.stop()
+        if spark is not None:
+            _end_session(spark, failed=failure is not None)
     if failure is not None:
         print(failure, file=sys.stderr, flush=True)  # last, after Spark's shutdown lines
     return status
+
+
+def _end_session(spark: "SparkSession", *, failed: bool) -> None:
+    """Stop the session before the last line, so the JVM's shutdown lines come above it.
+
+    On Databricks the session is the cluster's: stopping its context fails the job, and its log level
+    is every notebook's on the cluster, so both are left alone. Under spark-submit the job is the
+    application: after Python exits, the driver JVM's shutdown hooks log at INFO ("Shutdown hook
+    called", "Deleting directory ...") below anything printed here, so a failed job quiets the JVM's
+    log to warnings first.
+    """
+    if env.on_databricks():
+        return
+    if failed and env.spark_master_chosen_elsewhere():
+        spark.sparkContext.setLogLevel("WARN")
+    spark.stop()
 
 
 def failure_reason(exc: BaseException) -> str:

@@ -136,6 +136,11 @@ def spark_master_chosen_elsewhere() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ or "DATABRICKS_RUNTIME_VERSION" in os.environ
 
 
+def on_databricks() -> bool:
+    """Whether this is a Databricks driver, whose Spark session belongs to the cluster, not to petseg."""
+    return "DATABRICKS_RUNTIME_VERSION" in os.environ
+
+
 def is_tensorflow_start_up_noise(line: str) -> bool:
     """Whether a line of output is TensorFlow's start-up chatter, which would bury the job's own lines.
 

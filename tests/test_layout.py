@@ -109,6 +109,20 @@ def test_a_job_ends_bad_input_with_one_line(tmp_path):
     assert last.startswith("petseg: infer failed: model ") and "does not exist" in last
 
 
+def test_a_job_under_spark_submit_ends_bad_input_with_one_line_below_the_jvms_shutdown(tmp_path):
+    # Under spark-submit the driver JVM outlives Python, and its shutdown hooks log after Python's last
+    # line; it also relays Python's stderr on its stdout. So the console is both streams, as written.
+    submit = Path(sys.executable).parent / "spark-submit"
+    done = subprocess.run([str(submit), "--master", "local[1]", str(ROOT / "jobs" / "infer.py"),
+                           f"infer.model=file://{tmp_path / 'no-run'}", f"infer.input=file://{tmp_path}",
+                           f"infer.output=file://{tmp_path / 'o'}"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+                          env={**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable})
+    assert done.returncode == 1, done.stdout[-2000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("petseg: infer failed: model ") and "does not exist" in last, done.stdout[-2000:]
+
+
 def test_a_jvm_failure_ends_with_one_line_under_its_trace(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "jobs" / "ingest.py"), "spark.master=local[1]", "data.source=oxford",
                            "data.input=hdfs://no host/pets", f"data.dataset={tmp_path / 'pets'}"],
