@@ -91,6 +91,11 @@ def test_inference_code_on_an_executor_pulls_in_neither_training_nor_petastorm_n
     assert not {m for m in loaded if m.startswith(("petseg.train", "petastorm", "mlflow"))}
 
 
+def test_training_reads_its_arrays_without_petastorm():
+    loaded = _loaded_after_import("import petseg.data.reader, petseg.train.feed")
+    assert not {m for m in loaded if m.startswith("petastorm")}
+
+
 @pytest.mark.parametrize("job", ["ingest", "train", "infer", "evaluate"])
 def test_jobs_end_a_bad_configuration_with_one_line(job):
     done = subprocess.run([sys.executable, str(ROOT / "jobs" / f"{job}.py"), "data.image_size=tiny"],

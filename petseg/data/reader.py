@@ -1,7 +1,8 @@
-"""Reading an ingested dataset back: Petastorm readers per split and shard, and tf.data on top.
+"""Reading an ingested dataset back: readers per split and shard, and tf.data on top.
 
-TensorFlow is imported only inside the functions that build tf.data pipelines, so Spark-side code
-that merely inspects a dataset stays light.
+``open_split`` wraps petastorm's row reader; ``open_split_arrays``, training's, reads row groups with
+pyarrow alone. TensorFlow and petastorm are imported only inside the functions that need them, so
+code that merely inspects a dataset, or reads its arrays, stays light.
 """
 
 from __future__ import annotations
@@ -10,18 +11,16 @@ import contextlib
 import itertools
 import posixpath
 from collections import Counter, deque
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
 
 import pyarrow.parquet as pq
-from petastorm import make_reader
-from petastorm.predicates import in_set
-from petastorm.reader import Reader
 
 from petseg.data.schema import SPLIT, SPLITS, ignore_petastorm_pyarrow_deprecations
 from petseg.io import urls
 
 if TYPE_CHECKING:
     import tensorflow as tf
+    from petastorm.reader import Reader
 
 #: The fields training needs; the rest (source_path, original size) stay on disk.
 TRAINING_FIELDS = ("id", "image", "mask")
@@ -43,7 +42,7 @@ class SplitReader:
     ``source_path``); :attr:`schema` is the reader's, and :attr:`rows_per_epoch` what one epoch holds.
     """
 
-    def __init__(self, reader: Reader, *, rows_per_epoch: int, num_epochs: int | None, shard: str) -> None:
+    def __init__(self, reader: "Reader", *, rows_per_epoch: int, num_epochs: int | None, shard: str) -> None:
         self._reader = reader
         self.rows_per_epoch = rows_per_epoch
         self.num_epochs = num_epochs
@@ -93,6 +92,9 @@ def open_split(
     num_epochs
         None repeats forever.
     """
+    from petastorm import make_reader
+    from petastorm.predicates import in_set
+
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not a petseg split; use one of {', '.join(SPLITS)}")
     rows = shard_rows(dataset_url, split=split, shard=shard, shard_count=shard_count)
@@ -165,12 +167,15 @@ def _cut_epochs(rows: Iterator[Any], *, rows_per_epoch: int, num_epochs: int | N
         held.extend(early)
 
 
-def make_tf_dataset(reader: SplitReader, *, chunk: int = 64, epoch_per_iteration: bool = False) -> "tf.data.Dataset":
+def make_tf_dataset(reader: "SplitReader | ArrayReader", *, chunk: int = 64,
+                    epoch_per_iteration: bool = False) -> "tf.data.Dataset":
     """``(image uint8 [H, W, 3], mask uint8 [H, W])`` pairs from a reader opened on image and mask.
 
-    Rows are stacked into chunks in Python and unbatched by tf.data: TensorFlow's generator bridge
-    costs about a millisecond per element, so handing it one row at a time (as petastorm's
+    Arrays reach TensorFlow in chunks, unbatched by tf.data: TensorFlow's generator bridge costs
+    about a millisecond per call, so handing it one row at a time (as petastorm's
     ``make_petastorm_dataset`` does) caps the pipeline far below what the reader itself delivers.
+    An :class:`ArrayReader` hands over whole row groups; a :class:`SplitReader`'s rows are stacked
+    ``chunk`` at a time.
 
     Parameters
     ----------
@@ -179,22 +184,19 @@ def make_tf_dataset(reader: SplitReader, *, chunk: int = 64, epoch_per_iteration
         iteration (each ``iter()``, as Keras's ``evaluate`` makes one per call) reads exactly the
         reader's next epoch, so repeated evaluations score every row once each.
     """
-    import numpy as np
     import tensorflow as tf
 
-    image_shape = tuple(reader.schema.fields["image"].shape)
-    mask_shape = tuple(reader.schema.fields["mask"].shape)
+    if isinstance(reader, ArrayReader):
+        def chunks() -> Iterator[tuple[Any, Any]]:
+            return reader.next_epoch() if epoch_per_iteration else iter(reader)
 
-    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        images, masks = [], []
-        for row in reader.next_epoch() if epoch_per_iteration else reader:
-            images.append(row.image)
-            masks.append(row.mask)
-            if len(images) == chunk:
-                yield np.stack(images), np.stack(masks)
-                images, masks = [], []
-        if images:
-            yield np.stack(images), np.stack(masks)
+        image_shape, mask_shape = reader.image_shape, reader.mask_shape
+    else:
+        def chunks() -> Iterator[tuple[Any, Any]]:
+            return _stacked(reader.next_epoch() if epoch_per_iteration else reader, chunk)
+
+        image_shape = tuple(reader.schema.fields["image"].shape)
+        mask_shape = tuple(reader.schema.fields["mask"].shape)
 
     signature = (
         tf.TensorSpec((None, *image_shape), tf.uint8),
@@ -203,8 +205,193 @@ def make_tf_dataset(reader: SplitReader, *, chunk: int = 64, epoch_per_iteration
     return tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
 
 
+def _stacked(rows: Iterator[Any], chunk: int) -> Iterator[tuple[Any, Any]]:
+    import numpy as np
+
+    images, masks = [], []
+    for row in rows:
+        images.append(row.image)
+        masks.append(row.mask)
+        if len(images) == chunk:
+            yield np.stack(images), np.stack(masks)
+            images, masks = [], []
+    if images:
+        yield np.stack(images), np.stack(masks)
+
+
+class ArrayReader:
+    """One split (or shard) of a dataset as ``(images, masks)`` arrays, a row group at a time.
+
+    Training's reader: whole row groups read by pyarrow and decoded column-wise, with no Python work
+    per row, so it keeps a GPU fed where petastorm's row reader spends a thread's time per row. It
+    reads the shards petastorm's would (row group ``i`` of the dataset to shard ``i % n``) in order,
+    or in a new order each epoch with ``shuffle``; each epoch is every row group of the shard once,
+    counted against the footers. Petastorm itself is not imported: the columns are plain Parquet.
+    """
+
+    def __init__(self, dataset_url: str, *, split: str, shard: int | None, shard_count: int | None,
+                 num_epochs: int | None, shuffle: bool, seed: int | None) -> None:
+        self._filesystem, _ = urls.arrow_filesystem(dataset_url)
+        groups = [g for i, g in enumerate(_row_group_index(dataset_url))
+                  if g.split == split and (not shard_count or i % shard_count == shard)]
+        self._groups = groups
+        self.rows_per_epoch = sum(g.rows for g in groups)
+        self.num_epochs = num_epochs
+        self._label = f"split {split!r} of {dataset_url}" + (f", shard {shard} of {shard_count}" if shard_count else "")
+        self._shuffle, self._seed = shuffle, seed
+        self._epochs = itertools.count() if num_epochs is None else iter(range(num_epochs))
+        self.image_shape: tuple[int, ...] = ()
+        self.mask_shape: tuple[int, ...] = ()
+        if groups:
+            images, masks = self._read(groups[0], rows=1)
+            self.image_shape, self.mask_shape = images.shape[1:], masks.shape[1:]
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        """The row groups of every remaining epoch (a one-pass iterator, as a petastorm reader is)."""
+        if not self._groups:
+            return  # an empty shard: an endless loop of empty epochs would never yield
+        for epoch in self._epochs:
+            yield from self._epoch(epoch)
+
+    def next_epoch(self) -> Iterator[tuple[Any, Any]]:
+        """Exactly the next epoch: every row group of the shard once, as ``(images, masks)``."""
+        epoch = next(self._epochs, None)
+        return iter(()) if epoch is None else self._epoch(epoch)
+
+    def _epoch(self, epoch: int) -> Iterator[tuple[Any, Any]]:
+        order = list(range(len(self._groups)))
+        if self._shuffle:
+            import numpy as np
+
+            np.random.default_rng(None if self._seed is None else [self._seed, epoch]).shuffle(order)
+        delivered = 0
+        for i in order:
+            images, masks = self._read(self._groups[i])
+            delivered += len(images)
+            yield images, masks
+        if delivered != self.rows_per_epoch:
+            raise IncompleteReadError(f"{self._label}: read {delivered} rows where the footers count "
+                                      f"{self.rows_per_epoch}; the dataset changed while it was read")
+
+    def _read(self, group: "_RowGroup", rows: int | None = None) -> tuple[Any, Any]:
+        with self._filesystem.open_input_file(group.path) as f:
+            table = pq.ParquetFile(f).read_row_group(group.index, columns=["image", "mask"])
+        if rows is not None:
+            table = table.slice(0, rows)
+        if table.num_rows != (rows if rows is not None else group.rows):
+            raise IncompleteReadError(f"{self._label}: row group {group.index} of {group.path} holds "
+                                      f"{table.num_rows} rows where its footer counts {group.rows}")
+        return (decode_array_column(table.column("image"), what=f"image of {group.path}"),
+                decode_array_column(table.column("mask"), what=f"mask of {group.path}"))
+
+
+@contextlib.contextmanager
+def open_split_arrays(
+    dataset_url: str,
+    *,
+    split: str,
+    shard: int | None = None,
+    shard_count: int | None = None,
+    num_epochs: int | None = 1,
+    shuffle: bool = False,
+    seed: int | None = None,
+) -> Iterator[ArrayReader]:
+    """An :class:`ArrayReader` over one split, optionally one shard of it, as a context manager.
+
+    Parameters
+    ----------
+    dataset_url
+        The ingested dataset.
+    split
+        ``train`` or ``test``.
+    shard, shard_count
+        Read row groups ``i`` with ``i % shard_count == shard``, as petastorm shards (and as
+        :func:`rows_per_shard` counts).
+    num_epochs
+        None repeats forever.
+    shuffle, seed
+        A new row-group order each epoch, drawn from ``(seed, epoch)``.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not a petseg split; use one of {', '.join(SPLITS)}")
+    yield ArrayReader(dataset_url, split=split, shard=shard, shard_count=shard_count, num_epochs=num_epochs,
+                      shuffle=shuffle, seed=seed)
+
+
+#: The first bytes of every .npy file: petastorm's NdarrayCodec stores np.save's output.
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def decode_array_column(column: Any, *, what: str) -> Any:
+    """A Parquet column of encoded arrays as one ``(rows, ...)`` uint8 array.
+
+    The raw codec's values are ``.npy`` files of one shape and dtype, so their headers are equal
+    and each value is one header and the pixels: the whole column is sliced as one buffer, with no
+    Python work per row. JPEG and PNG values are decoded one by one as petastorm's
+    CompressedImageCodec does (OpenCV, BGR to RGB).
+    """
+    import numpy as np
+
+    array = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    n = len(array)
+    if n == 0:
+        raise ValueError(f"{what}: an empty column has no shape")
+    if array.null_count:
+        raise ValueError(f"{what}: {array.null_count} of {n} values are null; re-ingest the dataset")
+    offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset:array.offset + n + 1]
+    data = np.frombuffer(array.buffers()[2], np.uint8)
+    first = data[offsets[0]:offsets[1]].tobytes()
+    if not first.startswith(_NPY_MAGIC):
+        return np.stack([_decode_image(v.as_py(), what=what) for v in array])
+    lengths = np.diff(offsets)
+    header, shape, dtype = _npy_layout(first, what=what)
+    if (lengths != lengths[0]).any():
+        raise ValueError(f"{what}: arrays of different sizes in one column; re-ingest the dataset")
+    rows = data[offsets[0]:offsets[-1]].reshape(n, int(lengths[0]))
+    if (rows[:, :header] != rows[0, :header]).any():
+        raise ValueError(f"{what}: arrays of different shapes or types in one column; re-ingest the dataset")
+    return np.ascontiguousarray(rows[:, header:]).view(dtype).reshape(n, *shape)
+
+
+def _npy_layout(value: bytes, *, what: str) -> tuple[int, tuple[int, ...], Any]:
+    """The header's length, the shape and the dtype of one ``.npy`` value."""
+    import io
+
+    import numpy as np
+
+    f = io.BytesIO(value)
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    if fortran or dtype.hasobject:
+        raise ValueError(f"{what}: a Fortran-ordered or object array; re-ingest the dataset")
+    return f.tell(), tuple(shape), dtype
+
+
+def _decode_image(value: bytes, *, what: str) -> Any:
+    import cv2
+    import numpy as np
+
+    image = cv2.imdecode(np.frombuffer(value, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError(f"{what}: a value is neither a .npy array nor an image OpenCV decodes; re-ingest the dataset")
+    return image[:, :, ::-1] if image.ndim == 3 else image
+
+
+class _RowGroup(NamedTuple):
+    path: str  # in the dataset's pyarrow filesystem
+    index: int  # within its file
+    split: str
+    rows: int
+
+
 def _row_groups(dataset_url: str) -> list[tuple[str, int]]:
-    """``(split, rows)`` of every row group, in the order petastorm numbers them for sharding.
+    """``(split, rows)`` of every row group, in the order petastorm numbers them for sharding."""
+    return [(g.split, g.rows) for g in _row_group_index(dataset_url)]
+
+
+def _row_group_index(dataset_url: str) -> list[_RowGroup]:
+    """Every row group of the dataset, in the order petastorm numbers them for sharding.
 
     petastorm's ``load_row_groups`` orders a materialized dataset's pieces by file path, then row group
     within each file; its shard ``k`` of ``n`` reads the row groups whose index ``i % n == k``. Only the
@@ -223,7 +410,7 @@ def _row_groups(dataset_url: str) -> list[tuple[str, int]]:
     for path, split in sorted(files):
         with filesystem.open_input_file(path) as f:
             meta = pq.ParquetFile(f).metadata
-        groups += [(split, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
+        groups += [_RowGroup(path, i, split, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
     return groups
 
 

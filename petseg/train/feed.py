@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping
 
-from petseg.data.reader import SplitReader
+from petseg.data.reader import ArrayReader
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
 
 def make_dataset(
-    reader: SplitReader,
+    reader: ArrayReader,
     *,
     batch_size: int,
     preprocessing: str,
@@ -20,7 +20,7 @@ def make_dataset(
     seed: int | None = None,
     augmentation: Mapping[str, Any] | None = None,
 ) -> "tf.data.Dataset":
-    """Batches of ``(preprocessed float32 image, int32 mask)`` from a Petastorm reader.
+    """Batches of ``(preprocessed float32 image, int32 mask)`` from a reader of the worker's shard.
 
     The reader decides what this worker sees (its shard, repeated or not); this adds the per-example
     work: for training a shuffle and :func:`petseg.train.augment.augment` with ``augmentation`` (its
@@ -44,7 +44,7 @@ def make_dataset(
 
 
 def make_validation_dataset(
-    reader: SplitReader, *, batch_size: int, preprocessing: str, steps: int, weight: float
+    reader: ArrayReader, *, batch_size: int, preprocessing: str, steps: int, weight: float
 ) -> "tf.data.Dataset":
     """Exactly ``steps`` batches of ``(image, mask, weight)`` per iteration: one epoch of the shard, each row once.
 
@@ -65,8 +65,8 @@ def make_validation_dataset(
                          "use at least ceil(rows / batch_size) steps")
     ds = make_tf_dataset(reader, epoch_per_iteration=True).map(lambda i, m: (i, m, tf.constant(weight, tf.float32)))
     if padding:
-        blank = (tf.zeros(reader.schema.fields["image"].shape, tf.uint8),
-                 tf.zeros(reader.schema.fields["mask"].shape, tf.uint8), tf.constant(0.0, tf.float32))
+        blank = (tf.zeros(reader.image_shape, tf.uint8), tf.zeros(reader.mask_shape, tf.uint8),
+                 tf.constant(0.0, tf.float32))
         ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
     ds = ds.map(lambda i, m, w: (preprocess(i, preprocessing), tf.cast(m, tf.int32), w),
                 num_parallel_calls=tf.data.AUTOTUNE)
@@ -78,6 +78,6 @@ def _batched(ds: "tf.data.Dataset", batch_size: int) -> "tf.data.Dataset":
 
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
-    # Petastorm already gave this worker its own row groups; TF must not shard again.
+    # The reader already gave this worker its own row groups; TF must not shard again.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.with_options(options)

@@ -65,7 +65,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
     """Train on this worker's shard; return the history and, on the chief, the output paths."""
     import tensorflow as tf
 
-    from petseg.data.reader import open_split, rows_per_shard
+    from petseg.data.reader import open_split_arrays, rows_per_shard
     from petseg.model import (
         artifact,
         build_unet,
@@ -109,14 +109,14 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
              f" (CUDA_VISIBLE_DEVICES={visible_gpus()!r}, {len(tf.config.list_physical_devices('GPU'))} GPUs visible)",
              rank=rank, shard_rows=shard_rows, cuda_visible_devices=visible_gpus())
 
-    with open_split(data["dataset"], split="train", fields=("image", "mask"), shard=rank, shard_count=workers,
-                    num_epochs=None, shuffle=True, seed=seed) as train_reader, \
-            open_split(data["dataset"], split="test", fields=("image", "mask"), shard=rank, shard_count=workers,
-                       num_epochs=None, shuffle=False) as val_reader:
+    with open_split_arrays(data["dataset"], split="train", shard=rank, shard_count=workers, num_epochs=None,
+                           shuffle=True, seed=seed) as train_reader, \
+            open_split_arrays(data["dataset"], split="test", shard=rank, shard_count=workers,
+                              num_epochs=None) as val_reader:
 
         def pipeline(make):
             def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-                # One input pipeline per worker, and it is this worker's Petastorm shard.
+                # One input pipeline per worker, and it is this worker's shard of row groups.
                 assert ctx.num_input_pipelines == workers and ctx.input_pipeline_id == rank, (ctx.input_pipeline_id, rank)
                 assert ctx.get_per_replica_batch_size(global_batch) == worker_batch
                 return make()
