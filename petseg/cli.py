@@ -40,9 +40,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     current = _CurrentStage(stage=invocation.job)
     spark = None
     status, failure = 0, None
+    owned = False
     try:
+        from pyspark.sql import SparkSession
+
         from petseg.session import get_or_create
 
+        # A session that exists already (a notebook's, Databricks', a caller's) is not petseg's to stop.
+        owned = SparkSession.getActiveSession() is None
         spark = get_or_create(cfg.spark)
         _run_stages(spark, invocation.job, cfg, current)
     except Exception as exc:  # noqa: BLE001 - every failure ends in the one line below
@@ -51,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = 2 if isinstance(exc, ConfigError) else 1
         failure = f"petseg: {current.stage} failed: {failure_reason(exc)}"
     finally:
-        if spark is not None:
+        if spark is not None and owned:
             _end_session(spark, failed=failure is not None)
     if failure is not None:
         print(failure, file=sys.stderr, flush=True)  # last, after Spark's shutdown lines
@@ -59,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _end_session(spark: "SparkSession", *, failed: bool) -> None:
-    """Stop the session before the last line, so the JVM's shutdown lines come above it.
+    """Stop the session petseg started, before the last line, so the JVM's shutdown lines come above it.
 
     On Databricks the session is the cluster's: stopping its context fails the job, and its log level
     is every notebook's on the cluster, so both are left alone. Under spark-submit the job is the
