@@ -61,8 +61,9 @@ def reader_rate(dataset: str, *, batch: int) -> dict[str, float]:
     """Images/s of petastorm's row reader iterated in Python, and of training's reader into batched tf.data.
 
     Training reads with petseg's ArrayReader (whole row groups, decoded column-wise); petastorm's
-    make_reader, which open_split wraps, is the reference, alone and stacked into the same tf.data. One reader each, after a warm-up pass, so
-    TensorFlow's import and tracing are not timed; each counts its rows against the split's.
+    make_reader, which open_split wraps, is the reference, alone and stacked into the same tf.data.
+    One reader each, after a warm-up pass, so TensorFlow's import and tracing are not timed; each
+    counts its rows against the split's.
     """
     import tensorflow as tf  # noqa: F401 - imported before timing
 

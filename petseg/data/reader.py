@@ -230,10 +230,11 @@ class ArrayReader:
     """
 
     def __init__(self, dataset_url: str, *, split: str, shard: int | None, shard_count: int | None,
-                 num_epochs: int | None, shuffle: bool, seed: int | None) -> None:
+                 num_epochs: int | None, shuffle: bool, seed: int | None,
+                 row_groups: Sequence[RowGroup] | None = None) -> None:
         self._filesystem, _ = urls.arrow_filesystem(dataset_url)
-        groups = [g for i, g in enumerate(_row_group_index(dataset_url))
-                  if g.split == split and (not shard_count or i % shard_count == shard)]
+        index = row_group_index(dataset_url) if row_groups is None else row_groups
+        groups = [g for i, g in enumerate(index) if g.split == split and (not shard_count or i % shard_count == shard)]
         self._groups = groups
         self.rows_per_epoch = sum(g.rows for g in groups)
         self.num_epochs = num_epochs
@@ -242,9 +243,12 @@ class ArrayReader:
         self._epochs = itertools.count() if num_epochs is None else iter(range(num_epochs))
         self.image_shape: tuple[int, ...] = ()
         self.mask_shape: tuple[int, ...] = ()
-        if groups:
-            images, masks = self._read(groups[0], rows=1)
-            self.image_shape, self.mask_shape = images.shape[1:], masks.shape[1:]
+        if groups:  # the shapes tf.data needs before the first read, from the first row alone
+            with self._filesystem.open_input_file(groups[0].path) as f:
+                first = next(pq.ParquetFile(f).iter_batches(batch_size=1, row_groups=[groups[0].index],
+                                                            columns=["image", "mask"]))
+            self.image_shape = decode_array_column(first.column("image"), what=f"image of {groups[0].path}").shape[1:]
+            self.mask_shape = decode_array_column(first.column("mask"), what=f"mask of {groups[0].path}").shape[1:]
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         """The row groups of every remaining epoch (a one-pass iterator, as a petastorm reader is)."""
@@ -273,12 +277,10 @@ class ArrayReader:
             raise IncompleteReadError(f"{self._label}: read {delivered} rows where the footers count "
                                       f"{self.rows_per_epoch}; the dataset changed while it was read")
 
-    def _read(self, group: "_RowGroup", rows: int | None = None) -> tuple[Any, Any]:
+    def _read(self, group: "RowGroup") -> tuple[Any, Any]:
         with self._filesystem.open_input_file(group.path) as f:
             table = pq.ParquetFile(f).read_row_group(group.index, columns=["image", "mask"])
-        if rows is not None:
-            table = table.slice(0, rows)
-        if table.num_rows != (rows if rows is not None else group.rows):
+        if table.num_rows != group.rows:
             raise IncompleteReadError(f"{self._label}: row group {group.index} of {group.path} holds "
                                       f"{table.num_rows} rows where its footer counts {group.rows}")
         return (decode_array_column(table.column("image"), what=f"image of {group.path}"),
@@ -295,6 +297,7 @@ def open_split_arrays(
     num_epochs: int | None = 1,
     shuffle: bool = False,
     seed: int | None = None,
+    row_groups: Sequence[RowGroup] | None = None,
 ) -> Iterator[ArrayReader]:
     """An :class:`ArrayReader` over one split, optionally one shard of it, as a context manager.
 
@@ -311,11 +314,13 @@ def open_split_arrays(
         None repeats forever.
     shuffle, seed
         A new row-group order each epoch, drawn from ``(seed, epoch)``.
+    row_groups
+        The dataset's :func:`row_group_index`, when the caller has read it already; None reads it.
     """
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not a petseg split; use one of {', '.join(SPLITS)}")
     yield ArrayReader(dataset_url, split=split, shard=shard, shard_count=shard_count, num_epochs=num_epochs,
-                      shuffle=shuffle, seed=seed)
+                      shuffle=shuffle, seed=seed, row_groups=row_groups)
 
 
 #: The first bytes of every .npy file: petastorm's NdarrayCodec stores np.save's output.
@@ -378,19 +383,16 @@ def _decode_image(value: bytes, *, what: str) -> Any:
     return image[:, :, ::-1] if image.ndim == 3 else image
 
 
-class _RowGroup(NamedTuple):
+class RowGroup(NamedTuple):
+    """One Parquet row group of a dataset, as :func:`row_group_index` lists them."""
+
     path: str  # in the dataset's pyarrow filesystem
     index: int  # within its file
     split: str
     rows: int
 
 
-def _row_groups(dataset_url: str) -> list[tuple[str, int]]:
-    """``(split, rows)`` of every row group, in the order petastorm numbers them for sharding."""
-    return [(g.split, g.rows) for g in _row_group_index(dataset_url)]
-
-
-def _row_group_index(dataset_url: str) -> list[_RowGroup]:
+def row_group_index(dataset_url: str) -> list[RowGroup]:
     """Every row group of the dataset, in the order petastorm numbers them for sharding.
 
     petastorm's ``load_row_groups`` orders a materialized dataset's pieces by file path, then row group
@@ -410,7 +412,7 @@ def _row_group_index(dataset_url: str) -> list[_RowGroup]:
     for path, split in sorted(files):
         with filesystem.open_input_file(path) as f:
             meta = pq.ParquetFile(f).metadata
-        groups += [_RowGroup(path, i, split, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
+        groups += [RowGroup(path, i, split, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
     return groups
 
 
@@ -437,9 +439,9 @@ def split_stats(dataset_url: str) -> dict[str, tuple[int, int]]:
     """``split -> (rows, row groups)`` from the Parquet file footers (no pixel data is read)."""
     rows: Counter[str] = Counter()
     groups: Counter[str] = Counter()
-    for split, count in _row_groups(dataset_url):
-        rows[split] += count
-        groups[split] += 1
+    for group in row_group_index(dataset_url):
+        rows[group.split] += group.rows
+        groups[group.split] += 1
     return {split: (rows[split], groups[split]) for split in rows}
 
 
@@ -450,12 +452,17 @@ def shard_rows(dataset_url: str, *, split: str, shard: int | None = None, shard_
     return rows_per_shard(dataset_url, split=split, shard_count=shard_count)[shard]
 
 
-def rows_per_shard(dataset_url: str, *, split: str, shard_count: int) -> list[int]:
-    """The rows of ``split`` in each of petastorm's ``shard_count`` shards (row group ``i`` goes to ``i % n``)."""
+def rows_per_shard(dataset_url: str, *, split: str, shard_count: int,
+                   row_groups: Sequence[RowGroup] | None = None) -> list[int]:
+    """The rows of ``split`` in each of petastorm's ``shard_count`` shards (row group ``i`` goes to ``i % n``).
+
+    ``row_groups``: the dataset's :func:`row_group_index`, when the caller has read it already.
+    """
+    index = row_group_index(dataset_url) if row_groups is None else row_groups
     counts = [0] * shard_count
-    for i, (group_split, count) in enumerate(_row_groups(dataset_url)):
-        if group_split == split:
-            counts[i % shard_count] += count
+    for i, group in enumerate(index):
+        if group.split == split:
+            counts[i % shard_count] += group.rows
     return counts
 
 

@@ -65,7 +65,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
     """Train on this worker's shard; return the history and, on the chief, the output paths."""
     import tensorflow as tf
 
-    from petseg.data.reader import open_split_arrays, rows_per_shard
+    from petseg.data.reader import open_split_arrays, row_group_index, rows_per_shard
     from petseg.model import (
         artifact,
         build_unet,
@@ -93,16 +93,19 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
     global_batch = train_cfg["batch_size"]
     worker_batch = global_batch // workers
     steps_per_epoch = max(1, spec["train_rows"] // global_batch)
+    # The footers, read once here for the counts and both readers (at a million rows, thousands of files).
+    row_groups = row_group_index(data["dataset"])
     # Validation scores every test row once: as many steps as the largest shard needs, the others
     # padded with weight-0 images. Real rows weigh (slots / rows), so that Keras's mean loss over all
     # slots, padding included, is the mean over the real rows; ratios (accuracy, IoU) are unchanged.
-    validation_steps = max(1, -(-max(rows_per_shard(data["dataset"], split="test", shard_count=workers)) // worker_batch))
+    test_shards = rows_per_shard(data["dataset"], split="test", shard_count=workers, row_groups=row_groups)
+    validation_steps = max(1, -(-max(test_shards) // worker_batch))
     validation_weight = validation_steps * global_batch / spec["test_rows"]
     preprocessing = preprocessing_for(model_cfg["encoder_weights"])
     seed = train_cfg["seed"] + rank
     # From the Parquet footers: a count, not the shard's ids, which would take a pass over the shard
     # and megabytes to the driver at a million rows. The training reader checks it every epoch.
-    shard_rows = rows_per_shard(data["dataset"], split="train", shard_count=workers)[rank]
+    shard_rows = rows_per_shard(data["dataset"], split="train", shard_count=workers, row_groups=row_groups)[rank]
     from petseg.env import visible_gpus
 
     progress(f"worker {rank + 1}/{workers} reads {shard_rows} of {spec['train_rows']} train rows"
@@ -110,9 +113,9 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
              rank=rank, shard_rows=shard_rows, cuda_visible_devices=visible_gpus())
 
     with open_split_arrays(data["dataset"], split="train", shard=rank, shard_count=workers, num_epochs=None,
-                           shuffle=True, seed=seed) as train_reader, \
+                           shuffle=True, seed=seed, row_groups=row_groups) as train_reader, \
             open_split_arrays(data["dataset"], split="test", shard=rank, shard_count=workers,
-                              num_epochs=None) as val_reader:
+                              num_epochs=None, row_groups=row_groups) as val_reader:
 
         def pipeline(make):
             def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
