@@ -379,3 +379,41 @@ def test_mlflow_tracks_training_and_the_inference_that_uses_it(spark, tiny_datas
     assert infer_run.data.params["model_version"] == model.version
     assert infer_run.data.params["model_mlflow_run_id"] == run.info.run_id
     assert infer_run.data.metrics["segmented"] == 4
+
+
+def test_two_trainings_into_one_folder_each_segment_with_their_own_model_and_version(spark, tiny_dataset, tmp_path):
+    """A notebook: train, infer, retrain into the same folder, infer again in one session. Spark reuses
+    its Python workers, and with them any model they cached; each inference must use the run it names."""
+    import cv2
+    import numpy as np
+
+    from petseg.data import decode, render
+    from petseg.infer.job import run_infer
+    from petseg.model import custom_objects, keras_module, preprocess
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    pets = [render.synthetic_pet(i, seed=6, size=(48, 40)) for i in range(4)]
+    for i, pet in enumerate(pets):
+        (photos / f"p{i}.png").write_bytes(render.encode_png(pet.image))
+    run = tmp_path / "run"
+    versions = []
+    for seed in (1, 2):
+        trained = run_train(spark, cfg=train_config(tmp_path, tiny_dataset, "train.local_mode=true", "train.epochs=1",
+                                                    f"train.seed={seed}", "train.preview_images=0"))
+        output = tmp_path / f"masks{seed}"
+        cfg = load_job_config("infer", f"infer.model={run}", f"infer.input={photos}", f"infer.output={output}",
+                              "infer.partitions=2")
+        report = run_infer(spark, infer=cfg.infer)
+        assert report.model_version == trained.run_id and report.segmented == 4
+        meta = artifact.resolve(str(run))
+        model = keras_module().models.load_model(str(meta.model_dir), compile=False, custom_objects=custom_objects())
+        pixels = preprocess(np.stack([decode.resize_image(p.image, 32) for p in pets]), meta.preprocessing)
+        expected = np.argmax(model.predict(pixels, verbose=0), axis=-1).astype(np.uint8)  # a fresh local predict
+        for row in spark.read.parquet(str(output)).collect():
+            i = int(row["path"].rsplit("/p", 1)[1].split(".")[0])
+            assert row["model_version"] == trained.run_id
+            mask = cv2.imdecode(np.frombuffer(row["mask_png"], np.uint8), cv2.IMREAD_UNCHANGED)
+            np.testing.assert_array_equal(mask, decode.resize_mask(expected[i], (40, 48)))
+        versions.append(trained.run_id)
+    assert versions[0] != versions[1]
