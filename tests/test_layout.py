@@ -193,3 +193,26 @@ def test_ingest_prints_no_petastorm_warnings(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ingest: read 20, written 20, rejected 0" in done.stdout
     assert "Warning" not in done.stdout + done.stderr, done.stderr[-3000:]
+
+
+#: What must never reach the console: TensorFlow's C++ start-up lines, and pyarrow's FutureWarnings
+#: about petastorm's calls.
+START_UP_NOISE = ("oneDNN custom operations", "Could not find cuda drivers", "failed call to cuInit",
+                  "absl::InitializeLog", "FutureWarning")
+
+
+def test_infer_and_evaluate_print_no_start_up_noise(spark, exported_run, tmp_path):
+    # On a local master the executors' Python workers write to this console too; a fresh shell has
+    # none of the variables petseg sets for its own children.
+    from conftest import synthetic_dataset
+
+    pets = synthetic_dataset(spark, tmp_path, synthetic_count=20, image_size=32, min_row_groups_per_split=1)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_PYTHON", "TF_CPP_MIN_LOG_LEVEL", "PYTHONWARNINGS")}
+    for job, args in (("infer", [f"infer.input={pets}", f"infer.output={tmp_path / 'masks'}"]),
+                      ("evaluate", [f"evaluate.dataset={pets}", f"evaluate.output={tmp_path / 'eval'}"])):
+        done = subprocess.run([sys.executable, "-m", "petseg.cli", job, "spark.master=local[2]",
+                               f"infer.model={exported_run}", *args],
+                              capture_output=True, text=True, timeout=300, env=env)
+        console = done.stdout + done.stderr
+        assert done.returncode == 0, console[-3000:]
+        assert [noise for noise in START_UP_NOISE if noise in console] == [], (job, console[-3000:])
