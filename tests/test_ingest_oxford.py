@@ -154,8 +154,7 @@ def test_trimaps_past_the_broadcast_budget_are_joined_by_key_with_the_same_pairs
         frame = load_oxford(spark, root=str(oxford_dir.root), partitions=2, **kwargs)
         frame.explain()
         plan = capsys.readouterr().out
-        rows = {(r.id, r.split, r.path, r.reason, r.detail, r.image is not None, r.mask is not None)
-                for r in frame.collect()}
+        rows = {(r.id, r.split, r.path, r.reason, r.detail, r.mask_path) for r in frame.collect()}
         return rows, plan.count("SortMergeJoin")
 
     broadcast, broadcast_joins = pairs_and_plan()
@@ -164,3 +163,25 @@ def test_trimaps_past_the_broadcast_budget_are_joined_by_key_with_the_same_pairs
     assert {row[0] for row in keyed} >= set(oxford_dir.expected_reasons) | set(oxford_dir.accepted)
     # Past the budget the images meet their trimaps in a shuffle by id, not a broadcast.
     assert keyed_joins > broadcast_joins
+
+
+def test_a_file_gone_between_listing_and_decoding_is_a_reject_not_a_failed_job(spark, tmp_path):
+    """The decode task reads each file itself: one that cannot be read (deleted, no permission,
+    a storage error) is that row's reject, and the rest of the job goes on."""
+    from petseg.ingest.convert import prepare_pairs
+    from petseg.ingest.oxford import load_oxford
+
+    root = tmp_path / "oxford"
+    render.write_oxford_layout(root, count=6, seed=3, size=(60, 50))
+    pairs = load_oxford(spark, root=str(root), partitions=2)
+    assert pairs.where("image is not null or mask is not null").count() == 0  # only paths leave the driver
+    gone_image, gone_trimap = sorted((root / "images").iterdir())[0], sorted((root / "annotations" / "trimaps").iterdir())[1]
+    gone_image.unlink()
+    gone_trimap.unlink()
+    rows = {r.id: r for r in prepare_pairs(pairs, image_size=32, image_codec="raw").collect()}
+    assert len(rows) == 6
+    failed = {stem: (r.reason, r.detail) for stem, r in rows.items() if r.reason}
+    assert set(failed) == {gone_image.stem, gone_trimap.stem}
+    assert all(reason == "file_unreadable" for reason, _ in failed.values())
+    assert str(gone_image) in failed[gone_image.stem][1] and str(gone_trimap) in failed[gone_trimap.stem][1]
+    assert all(r.image is not None for stem, r in rows.items() if stem not in failed)

@@ -72,7 +72,7 @@ def test_read_slice_under_mock_data():
     with tfds.testing.mock_data(num_examples=3):
         rows = list(read_slice(name="oxford_iiit_pet", data_dir="/unused", split="train", start=0, stop=3))
     assert len(rows) == 3
-    for stem, split, path, image, mask, reason, _ in rows:
+    for stem, split, path, image, mask, reason, _, _ in rows:
         assert split == "train" and path.startswith("tfds://oxford_iiit_pet/train/") and reason is None
         assert decode.decode_rgb(image).ndim == 3  # the image arrives encoded and decodes by content
         with pytest.raises(RejectedInput) as err:

@@ -21,13 +21,13 @@ from petseg.data.decode import DEFAULT_MAX_IMAGE_PIXELS, prepare_example
 from petseg.data.schema import REJECTS_SCHEMA, SPLIT, ignore_petastorm_pyarrow_deprecations, pet_schema
 from petseg.errors import InputError, RejectedInput
 from petseg.ingest.pairs import PAIRS_SCHEMA
-from petseg.io.fs import Storage
+from petseg.io.fs import Storage, read_file
 
 log = logging.getLogger(__name__)
 
 #: What the decode stage returns per input row: the example's columns, or a reason it was rejected.
 PREPARED_SCHEMA = StructType(
-    [f for f in PAIRS_SCHEMA.fields if f.name not in ("image", "mask")]
+    [f for f in PAIRS_SCHEMA.fields if f.name not in ("image", "mask", "mask_path")]
     + [
         StructField("image", BinaryType(), True),
         StructField("mask", BinaryType(), True),
@@ -91,7 +91,8 @@ def prepare_pairs(
     pairs: DataFrame, *, image_size: int, image_codec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 ) -> DataFrame:
     """Decode, check, resize and encode every pair on the executors (:data:`PREPARED_SCHEMA`); images
-    and trimaps over ``max_image_pixels`` are rejected from their headers."""
+    and trimaps over ``max_image_pixels`` are rejected from their headers. Files a source left
+    unread (null bytes) are read here, from ``path`` and ``mask_path``."""
     return pairs.mapInPandas(_prepare_batches(image_size, image_codec, max_image_pixels), PREPARED_SCHEMA)
 
 
@@ -104,10 +105,13 @@ def _prepare_batches(
         for batch in batches:
             out = {name: [] for name in ("image", "mask", "height", "width")}
             reasons, details = batch["reason"].tolist(), batch["detail"].tolist()
+            paths, mask_paths = batch["path"].tolist(), batch["mask_path"].tolist()
             for i, (image, mask, reason) in enumerate(zip(batch["image"], batch["mask"], batch["reason"])):
                 example = None
                 if reason is None:
                     try:
+                        image = read_file(paths[i]) if image is None else image
+                        mask = read_file(mask_paths[i]) if mask is None else mask
                         example = prepare_example(image, mask, size=image_size, max_pixels=max_image_pixels)
                     except RejectedInput as exc:
                         reasons[i], details[i] = exc.reason, exc.detail

@@ -1,10 +1,11 @@
 """The Oxford-IIIT Pet release as distributed: images/, annotations/trimaps/, annotations/{trainval,test}.txt.
 
 Images and trimaps are paired by file stem with a join, and splits come from the list files, never
-from sort order. Images are read with Spark's binaryFile source and stay in their scan partitions;
-the trimaps (~3 KB each, ~22 MB for the whole release) and the lists are broadcast to them, so the
-large side is never shuffled. Trimaps over :data:`TRIMAP_BROADCAST_BYTES` in all are joined by key
-instead: a shuffle, which no driver memory or broadcast limit bounds.
+from sort order. Only their paths are paired: the decode task reads both files itself (see
+:mod:`petseg.ingest.pairs` for why). Both folders are listed on the driver; the images' paths are
+spread over the decode tasks, and the trimaps' paths and the lists are broadcast to them. Trimap
+listings over :data:`TRIMAP_BROADCAST_BYTES` are joined by key instead: a shuffle, which no driver
+memory or broadcast limit bounds.
 
 Images that are in neither list are dropped and reported in the rejects table as
 ``not_in_split_lists``: the split lists define the benchmark, and guessing a split would leak test
@@ -14,13 +15,15 @@ id with two sets of pixels: every image file of that stem is rejected as ``dupli
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from petseg.errors import InputError
+from petseg.errors import InputError, RejectedInput
 from petseg.ingest.pairs import PAIRS_SCHEMA
-from petseg.io.fs import Storage
+from petseg.io.fs import Storage, list_files, read_file
 
 #: Image files are matched by extension only to find them; decoding goes by content.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "JPG", "JPEG", "png", "PNG")
@@ -29,17 +32,13 @@ IMAGE_GLOB = "*.{" + ",".join(IMAGE_EXTENSIONS) + "}"
 TRIMAP_GLOB = "*.{" + ",".join(TRIMAP_EXTENSIONS) + "}"
 #: List file -> split name (TFDS and the reference notebook call trainval "train").
 SPLIT_LISTS = {"train": "annotations/trainval.txt", "test": "annotations/test.txt"}
-#: Trimaps up to this many bytes in all are broadcast to the images. A broadcast is built on the
-#: driver (a few times its size in JVM memory), so 64 MiB keeps a 1 GB driver safe; the release's
-#: 22 MB fits, a million trimaps (~3 GB) are joined by key.
+#: Trimap listings (stems and paths) up to this many bytes are broadcast to the images. A broadcast
+#: is built on the driver (a few times its size in JVM memory), so 64 MiB keeps a 1 GB driver safe;
+#: the release's 7,390 (~0.7 MB) fit, millions of trimaps (~100 bytes each) are joined by key.
 TRIMAP_BROADCAST_BYTES = 64 * 1024 * 1024
-
-
-
-def _stem(path: str = "path") -> F.Column:
-    """The file name without its extension (Spark's listing already skips hidden files such as the
-    release's "._Abyssinian_1.png" AppleDouble entries)."""
-    return F.regexp_extract(path, r"([^/]+)\.[A-Za-z0-9]+$", 1)
+#: The file name without its extension: the example's id. The listing skips hidden files such as
+#: the release's "._Abyssinian_1.png" AppleDouble entries.
+_STEM = re.compile(r"([^/]+)\.[A-Za-z0-9]+$")
 
 
 def load_oxford(
@@ -55,7 +54,7 @@ def load_oxford(
         Decode in this many tasks. binaryFile splits by bytes into many small tasks; merging them
         (a narrow coalesce, no shuffle) saves the fixed cost of each Python task.
     broadcast_bytes
-        Broadcast the trimaps when their files add up to at most this; otherwise join by key.
+        Broadcast the trimaps' stems and paths when they add up to at most this; otherwise join by key.
 
     Raises
     ------
@@ -77,34 +76,21 @@ def load_oxford(
             f"no split lists under {root}/annotations: expected trainval.txt and/or test.txt from annotations.tar.gz"
         )
 
-    # File names only (binaryFile reads no content for these), gathered on the driver: ~7,400 short rows.
-    images = _binary_files(spark, images_url, IMAGE_GLOB)
-    trimaps = _binary_files(spark, trimaps_url, TRIMAP_GLOB)
-    (image_files, _), (trimap_files, trimap_bytes) = _paths_by_stem(images), _paths_by_stem(trimaps)
-    listed = _read_lists(spark, list_urls)
-
-    # Zero-length files are invisible to Spark's file listing (SPARK-26161, SPARK-27291), yet an empty
-    # image is bad input to report, not to lose. Look for them only where a file was expected.
-    empty_images = _empty_files(storage, images_url, (set(listed) | set(trimap_files)) - set(image_files),
-                                IMAGE_EXTENSIONS)
-    empty_trimaps = _empty_files(storage, trimaps_url, (set(listed) | set(image_files)) - set(trimap_files),
-                                 TRIMAP_EXTENSIONS)
-    for found, empty in ((image_files, empty_images), (trimap_files, empty_trimaps)):
-        for stem, paths in empty.items():
-            found.setdefault(stem, []).extend(paths)
+    # Listed on the driver in one native call per folder (pyarrow), which, unlike Spark's file
+    # listing (SPARK-26161), keeps zero-length files: they are read and rejected as empty, not lost.
+    # The names are needed here anyway, to pair stems and report files without a partner.
+    image_files, _ = _paths_by_stem(list_files(f"{images_url}/{IMAGE_GLOB}"))
+    trimap_files, trimap_listing_bytes = _paths_by_stem(list_files(f"{trimaps_url}/{TRIMAP_GLOB}"))
+    listed = _read_lists(list_urls)
     image_ids, trimap_ids = set(image_files), set(trimap_files)
     if not image_ids:
         raise InputError(f"{images_url} holds no image files ({IMAGE_GLOB}); is data.input the right folder?")
 
-    image_rows = images.select(_stem().alias("id"), "path", F.col("content").alias("image"))
-    if empty_images:
-        ids, paths = zip(*[(stem, path) for stem, found in empty_images.items() for path in found])
-        image_rows = image_rows.unionByName(_local(spark, {"id": ids, "path": paths, "image": [b""] * len(ids)},
-                                                   "id string, path string, image binary"))
-    mask_rows = trimaps.select(_stem().alias("id"), F.col("content").alias("mask"))
-    if empty_trimaps:
-        ids = [stem for stem, found in empty_trimaps.items() for _ in found]
-        mask_rows = mask_rows.unionByName(_local(spark, {"id": ids, "mask": [b""] * len(ids)}, "id string, mask binary"))
+    # Spread over the decode tasks by a shuffle of paths only: no file is read before the decode task.
+    ids, paths = _flatten(image_files)
+    image_rows = _local(spark, {"id": ids, "path": paths}, "id string, path string").repartition(partitions)
+    ids, paths = _flatten(trimap_files)
+    mask_rows = _local(spark, {"id": ids, "mask_path": paths}, "id string, mask_path string")
     duplicates = _duplicate_ids(image_files, trimap_files)
     # One trimap row per stem, so the join below gives each image file exactly one row.
     if duplicates:
@@ -121,9 +107,9 @@ def load_oxford(
         "id string, split string, n_lists int",
     )
 
-    # The large side (images) stays in its scan partitions; trimaps (when small) and lists are broadcast to it.
-    if trimap_bytes <= broadcast_bytes:
-        paired = image_rows.coalesce(partitions).join(F.broadcast(mask_rows), "id", "left")
+    # The large side (images) stays in its listing partitions; trimaps (when small) and lists are broadcast to it.
+    if trimap_listing_bytes <= broadcast_bytes:
+        paired = image_rows.join(F.broadcast(mask_rows), "id", "left")
     else:
         paired = image_rows.join(mask_rows, "id", "left")
     paired = (
@@ -132,17 +118,19 @@ def load_oxford(
     )
     reason = (
         F.when(F.col("duplicate").isNotNull(), F.lit("duplicate_id"))
-        .when(F.col("mask").isNull(), F.lit("mask_missing"))
+        .when(F.col("mask_path").isNull(), F.lit("mask_missing"))
         .when(F.col("n_lists") > 1, F.lit("in_both_split_lists"))
         .when(F.col("split").isNull(), F.lit("not_in_split_lists"))
     )
     detail = (
         F.when(F.col("duplicate").isNotNull(), F.col("duplicate"))
-        .when(F.col("mask").isNull(), F.concat(F.lit("no trimap "), F.col("id"), F.lit(f".png in {trimaps_url}")))
+        .when(F.col("mask_path").isNull(), F.concat(F.lit("no trimap "), F.col("id"), F.lit(f".png in {trimaps_url}")))
         .when(F.col("n_lists") > 1, F.lit("listed in both trainval.txt and test.txt; keep it in one"))
         .when(F.col("split").isNull(), F.lit("listed in neither trainval.txt nor test.txt"))
     )
-    pairs = paired.select("id", "split", "path", "image", "mask", reason.alias("reason"), detail.alias("detail"))
+    no_bytes = F.lit(None).cast("binary")
+    pairs = paired.select("id", "split", "path", no_bytes.alias("image"), no_bytes.alias("mask"), reason.alias("reason"),
+                          detail.alias("detail"), "mask_path")
 
     # Trimaps without an image, and listed stems with no file at all, are reported too: nothing is lost.
     unpaired = [
@@ -160,33 +148,27 @@ def load_oxford(
     return pairs.select([f.name for f in PAIRS_SCHEMA.fields])
 
 
-def _binary_files(spark: SparkSession, url: str, glob: str) -> DataFrame:
-    return spark.read.format("binaryFile").option("pathGlobFilter", glob).load(url)
-
-
 def _local(spark: SparkSession, columns: dict[str, list], schema: str) -> DataFrame:
     """A small driver-side table; built from pandas through Arrow, so no Python task has to serve it."""
     return spark.createDataFrame(pd.DataFrame(columns), schema)
 
 
-def _paths_by_stem(files: DataFrame) -> tuple[dict[str, list[str]], int]:
-    """(stem -> paths, total bytes) of the listed files; no file is read."""
+def _paths_by_stem(paths: list[str]) -> tuple[dict[str, list[str]], int]:
+    """(stem -> paths, bytes of the stems and paths) of listed files."""
     found: dict[str, list[str]] = {}
     total = 0
-    for row in files.select(_stem().alias("id"), "path", "length").collect():
-        found.setdefault(row.id, []).append(row.path)
-        total += row.length
+    for path in paths:
+        match = _STEM.search(path)
+        if match:
+            found.setdefault(match.group(1), []).append(path)
+            total += len(match.group(1)) + len(path)
     return found, total
 
 
-def _empty_files(storage: Storage, url: str, stems: set[str], extensions: tuple[str, ...]) -> dict[str, list[str]]:
-    """stem -> paths of zero-length files named ``<stem>.<ext>`` under ``url``, for the given stems."""
-    found: dict[str, list[str]] = {}
-    for stem in sorted(stems):
-        for path, length in storage.glob(url, f"{stem}.*"):
-            if length == 0 and path.rsplit(".", 1)[-1] in extensions:
-                found.setdefault(stem, []).append(path)
-    return found
+def _flatten(files: dict[str, list[str]]) -> tuple[list[str], list[str]]:
+    """(ids, paths): one entry per file."""
+    pairs = [(stem, path) for stem, paths in files.items() for path in paths]
+    return [stem for stem, _ in pairs], [path for _, path in pairs]
 
 
 def _duplicate_ids(images: dict[str, list[str]], trimaps: dict[str, list[str]]) -> dict[str, str]:
@@ -202,12 +184,16 @@ def _duplicate_ids(images: dict[str, list[str]], trimaps: dict[str, list[str]]) 
     return found
 
 
-def _read_lists(spark: SparkSession, lists: dict[str, str]) -> dict[str, tuple[str, str, int]]:
+def _read_lists(lists: dict[str, str]) -> dict[str, tuple[str, str, int]]:
     """id -> (split, list path, number of lists naming it), from the release's list files; '#' starts a comment."""
     found: dict[str, list[tuple[str, str]]] = {}
     for split, url in lists.items():
-        for row in spark.read.text(url).collect():
-            line = row.value.strip()
+        try:
+            text = read_file(url).decode("utf-8", errors="replace")
+        except RejectedInput as exc:
+            raise InputError(f"cannot read the split list {exc.detail}; check its permissions") from None
+        for line in text.splitlines():
+            line = line.strip()
             if line and not line.startswith("#"):
                 found.setdefault(line.split()[0], []).append((split, url))
     return {stem: (entries[0][0], entries[0][1], len({s for s, _ in entries})) for stem, entries in found.items()}

@@ -17,7 +17,7 @@ def load_synthetic(spark: SparkSession, *, count: int, seed: int, test_fraction:
         for i in indices:
             pet = render.synthetic_pet(i, seed=seed, test_fraction=test_fraction)
             path = f"synthetic://seed={seed}/{pet.stem}"
-            yield (pet.stem, pet.split, path, render.encode_jpeg(pet.image), render.encode_png(pet.trimap), None, None)
+            yield (pet.stem, pet.split, path, render.encode_jpeg(pet.image), render.encode_png(pet.trimap), None, None, None)
 
     rdd = spark.sparkContext.parallelize(range(count), min(count, partitions)).mapPartitions(render_slice)
     return spark.createDataFrame(rdd, PAIRS_SCHEMA)

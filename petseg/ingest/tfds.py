@@ -81,4 +81,4 @@ def read_slice(*, name: str, data_dir: str, split: str, start: int, stop: int) -
     for example in tfds.as_numpy(ds):
         file_name = example["file_name"].decode()
         stem = file_name.rsplit(".", 1)[0]
-        yield (stem, split, f"tfds://{name}/{split}/{file_name}", example["image"], example["segmentation_mask"], None, None)
+        yield (stem, split, f"tfds://{name}/{split}/{file_name}", example["image"], example["segmentation_mask"], None, None, None)
