@@ -122,19 +122,24 @@ def write_oxford_layout(
     seed: int = 0,
     test_fraction: float = 0.5,
     size: tuple[int, int] | None = None,
+    keep: bool = True,
 ) -> list[SyntheticPet]:
     """Write ``count`` synthetic pets in the layout of the Oxford-IIIT Pet release.
 
     ``images/<stem>.jpg``, ``annotations/trimaps/<stem>.png``, and the split lists
     ``annotations/trainval.txt`` and ``annotations/test.txt`` (``<stem> <class> <species> <breed>``).
-    Returns the pets written, for tests to compare against.
+    Returns the pets written, for tests to compare against; with ``keep=False`` none, so that a
+    large folder (20,000 photos of 500x375 hold 15 GB of pixels) is written one pet at a time.
     """
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "annotations" / "trimaps").mkdir(parents=True, exist_ok=True)
-    pets = [synthetic_pet(i, seed=seed, test_fraction=test_fraction, size=size) for i in range(count)]
+    pets = []
     lists: dict[str, list[str]] = {"train": [], "test": []}
-    for i, pet in enumerate(pets):
+    for i in range(count):
+        pet = synthetic_pet(i, seed=seed, test_fraction=test_fraction, size=size)
+        if keep:
+            pets.append(pet)
         (root / "images" / f"{pet.stem}.jpg").write_bytes(encode_jpeg(pet.image))
         (root / "annotations" / "trimaps" / f"{pet.stem}.png").write_bytes(encode_png(pet.trimap))
         breed = i % len(BREEDS)
