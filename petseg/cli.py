@@ -74,7 +74,9 @@ def _end_session(spark: "SparkSession", *, failed: bool) -> None:
     """
     if env.on_databricks():
         return
-    if failed and env.spark_master_chosen_elsewhere():
+    from petseg.session import is_connect
+
+    if failed and env.spark_master_chosen_elsewhere() and not is_connect(spark):
         spark.sparkContext.setLogLevel("WARN")
     spark.stop()
 

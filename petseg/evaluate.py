@@ -26,7 +26,7 @@ from petseg.data.schema import SPLIT
 from petseg.env import pin_task_gpus
 from petseg.errors import InputError, RejectedInput
 from petseg.infer.job import check_gpu_task_slots
-from petseg.io.fs import Storage
+from petseg.io.fs import storage_for
 from petseg.model import artifact
 from petseg.session import task_cpus
 
@@ -157,10 +157,10 @@ def run_evaluate(
     """
     start = time.perf_counter()
     model = artifact.resolve(str(evaluate.model))
-    check_gpu_task_slots(spark.sparkContext.getConf())  # each task's model on its own GPU, as in inference
+    check_gpu_task_slots(spark.conf)  # each task's model on its own GPU, as in inference
     classes = model.classes
     dataset, split = str(evaluate.dataset), evaluate.split
-    storage = Storage(spark)
+    storage = storage_for(spark)
     if not storage.exists(f"{dataset.rstrip('/')}/{SPLIT}={split}"):
         raise InputError(
             f"evaluate.dataset={dataset!r} has no {SPLIT}={split} folder; point it at a dataset written by "

@@ -89,13 +89,13 @@ def test_rerun_replaces_cleanly(spark, tmp_path):
 
 
 def test_failed_write_leaves_the_old_output(spark, tmp_path):
-    from petseg.io.fs import Storage
+    from petseg.io.fs import storage_for
 
     target = tmp_path / "out"
     target.mkdir()
     (target / "keep.txt").write_text("old")
     with pytest.raises(RuntimeError, match="boom"):
-        with Storage(spark).atomic_output(target.as_uri()) as tmp:
+        with storage_for(spark).atomic_output(target.as_uri()) as tmp:
             spark.range(3).write.parquet(tmp)
             raise RuntimeError("boom")
     assert [p.name for p in target.iterdir()] == ["keep.txt"]

@@ -75,3 +75,41 @@ def test_petastorm_reads_a_file_system_whose_paths_are_bucket_relative(small_pet
                      num_epochs=None) as reader:
         first = next(iter(reader))
     assert first.id
+
+
+@pytest.mark.parametrize("kind", ["hadoop", "arrow"])
+def test_both_storages_check_glob_write_and_publish_alike(spark, tmp_path, kind):
+    """Hadoop's (classic sessions) and pyarrow's (Spark Connect, which has no JVM gateway) storage
+    give the same answers and publish outputs the same way."""
+    from petseg.io.fs import ArrowStorage, HadoopStorage
+
+    storage = HadoopStorage(spark) if kind == "hadoop" else ArrowStorage()
+    root = tmp_path / "tree"
+    (root / "split=test").mkdir(parents=True)
+    for name in ("a.parquet", "b.parquet", "c.txt", "split=test/d.parquet"):
+        (root / name).write_bytes(b"x" * len(name))
+    url = root.as_uri()
+    assert storage.exists(url) and storage.is_dir(url) and not storage.is_dir(f"{url}/a.parquet")
+    assert not storage.exists(f"{url}/nope")
+
+    def names(found):
+        return sorted((path.rsplit("/tree/", 1)[1], length) for path, length in found)
+
+    assert names(storage.glob(url, "*.parquet")) == [("a.parquet", 9), ("b.parquet", 9)]
+    assert names(storage.glob(url, "*=*/*.parquet")) == [("split=test/d.parquet", 20)]
+    assert names(storage.glob(url, "*.{txt,csv}")) == [("c.txt", 5)]
+    assert storage.glob(f"{url}/nope", "*.parquet") == []
+
+    out = tmp_path / "out"
+    storage.write_bytes(f"{out.as_uri()}/report.json", b"old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with storage.atomic_output(out.as_uri()) as tmp:
+            storage.write_bytes(f"{tmp}/report.json", b"half")
+            raise RuntimeError("boom")
+    assert (out / "report.json").read_bytes() == b"old"
+    with storage.atomic_output(out.as_uri()) as tmp:
+        storage.write_bytes(f"{tmp}/report.json", b"new")
+    assert (out / "report.json").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tree"]  # no temporary or old folder left
+    storage.delete(out.as_uri())
+    assert not out.exists()

@@ -27,6 +27,8 @@ JOB_SECTIONS = {
 def validate(cfg: Config, *, job: str = "ingest") -> None:
     """Check values that types alone cannot; raise :class:`ConfigError` naming the key and the fix."""
     sections = JOB_SECTIONS.get(job, tuple(JOB_SECTIONS["demo"]))
+    if cfg.spark.remote is not None:
+        _validate_remote(cfg.spark.remote, job=job)
     if {"data", "train"} & set(sections):
         _require(bool(cfg.data.dataset), "data.dataset", cfg.data.dataset, "a dataset URL such as file:///tmp/pets")
         cfg.data.dataset = petastorm_url(_location(cfg, str(cfg.data.dataset), key="data.dataset"), key="data.dataset")
@@ -58,6 +60,36 @@ def validate(cfg: Config, *, job: str = "ingest") -> None:
             True,
             "false, or install MLflow first (pip install 'petseg[mlflow]'; Databricks runtimes have it)",
         )
+
+
+#: The jobs that run over Spark Connect. Ingest writes with Petastorm (pyarrow < 15, a JVM gateway)
+#: and training runs MirroredStrategyRunner's RDD barrier stage: neither exists over Connect.
+CONNECT_JOBS = ("infer", "evaluate")
+
+
+#: Why the other jobs cannot run over Spark Connect.
+_CLASSIC_ONLY = {
+    "ingest": "ingest writes its dataset with Petastorm through the JVM gateway",
+    "train": "training runs MirroredStrategyRunner's RDD barrier stage",
+    "demo": "the demo ingests with Petastorm and trains in an RDD barrier stage",
+}
+
+
+def _validate_remote(remote: str, *, job: str) -> None:
+    _require(remote.startswith("sc://"), "spark.remote", remote, "a Spark Connect URL such as sc://host:15002, or null")
+    if job not in CONNECT_JOBS:
+        raise ConfigError(
+            f"spark.remote={remote!r}: `petseg {job}` needs a classic (dedicated) cluster: "
+            f"{_CLASSIC_ONLY.get(job, 'it is not one of ' + ', '.join(CONNECT_JOBS))}, which Spark Connect does not "
+            "offer. Unset spark.remote and run it on a classic cluster (Databricks Runtime 15.4 LTS ML, dedicated "
+            f"access mode); over Spark Connect petseg runs {' and '.join(CONNECT_JOBS)}"
+        )
+
+
+def remote_is_this_machine(remote: str) -> bool:
+    """Whether a Spark Connect URL names a server on this machine (its executors share this disk)."""
+    host = remote[len("sc://"):].split("/", 1)[0].split(":", 1)[0]
+    return host in ("localhost", "127.0.0.1", "::1", "[::1]")
 
 
 def _validate_data(cfg: Config) -> None:
@@ -235,14 +267,15 @@ def require_shared_storage(cfg: Config, value: str, *, key: str) -> None:
     ConfigError
         Naming ``key``, the value and the forms that work.
     """
-    master = cfg.spark.master
-    if runs_on_one_machine(master) or not is_plain_path(value):
+    master, remote = cfg.spark.master, cfg.spark.remote
+    one_machine = remote_is_this_machine(remote) if remote else runs_on_one_machine(master)
+    if one_machine or not is_plain_path(value):
         return
     resolved = normalize_url(value, key=key)
     path = resolved[len("file://"):]
     if value.startswith("/") and on_shared_mount(path):
         return
-    launcher = (f"spark.master={master!r}" if master is not None
+    launcher = (f"spark.remote={remote!r}" if remote else f"spark.master={master!r}" if master is not None
                 else "spark.master is null and spark-submit or Databricks chooses it, which")
     raise ConfigError(
         f"{key}={value!r} is a path on the driver's own disk ({path}), but {launcher} may run executors on other "

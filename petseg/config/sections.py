@@ -30,6 +30,8 @@ class Codec(str, enum.Enum):
 class SparkConfig:
     #: null leaves the master to spark-submit or the cluster (Databricks, YARN, Kubernetes).
     master: Optional[str] = MISSING
+    #: A Spark Connect URL (sc://host:port): infer and evaluate run through it, and master is ignored.
+    remote: Optional[str] = MISSING
     app_name: str = MISSING
     #: Extra Spark confs, applied when petseg builds the session.
     conf: dict[str, str] = field(default_factory=dict)

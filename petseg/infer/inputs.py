@@ -17,13 +17,17 @@ from pyspark.sql.types import BinaryType, LongType, StringType, StructField, Str
 
 from petseg.config import InferConfig, InputFormat
 from petseg.errors import InputError
-from petseg.io.fs import Storage, is_glob, list_files_frame
+from petseg.io.fs import is_glob, list_files_frame, storage_for
+from petseg.session import default_parallelism
 
 #: Key columns tried, in order, when infer.key_column is null.
 KEY_CANDIDATES = ("id", "path", "key")
 #: Rows per task when the job lists files itself: a few Arrow batches, so the per-task cost stays
 #: small beside the model's work, and enough tasks to spread over the cluster.
 FILES_PER_TASK = 1024
+#: Tasks for a small input where the cluster's slots are unknown (Spark Connect does not tell a
+#: client): enough to use a few cores; set infer.partitions to fill a large cluster.
+CONNECT_MIN_TASKS = 2
 #: Rows whose image sizes set the rows per Arrow batch: the input's first rows (its first files or
 #: row groups), so sizing costs no pass over the input.
 SIZE_SAMPLE_ROWS = 256
@@ -53,7 +57,7 @@ class ImageTable:
 def detect_format(spark: SparkSession, url: str) -> InputFormat:
     """petastorm (a folder with Petastorm metadata), parquet (a folder of Parquet or a .parquet
     file), else images (a folder or glob of image files)."""
-    storage = Storage(spark)
+    storage = storage_for(spark)
     if is_glob(url):
         return InputFormat.images
     if storage.exists(f"{url.rstrip('/')}/_common_metadata"):
@@ -82,8 +86,13 @@ def load_image_table(spark: SparkSession, *, infer: InferConfig) -> ImageTable:
     frame = table.frame
     if infer.limit:
         frame = frame.limit(infer.limit)
+    slots = default_parallelism(spark)
+    if slots is None:  # Spark Connect: neither the slots nor the scan's partitions are known here
+        if infer.partitions or infer.limit:
+            frame = frame.repartition(infer.partitions or CONNECT_MIN_TASKS)
+        return replace(table, frame=frame)
     current = frame.rdd.getNumPartitions()
-    wanted = infer.partitions or max(spark.sparkContext.defaultParallelism, current)
+    wanted = infer.partitions or max(slots, current)
     if wanted != current or infer.limit:
         frame = frame.repartition(wanted)
     return replace(table, frame=frame)
@@ -105,7 +114,7 @@ def load_image_stream(spark: SparkSession, *, infer: InferConfig) -> ImageTable:
     url = str(infer.input)
     fmt = infer.input_format if infer.input_format is not InputFormat.auto else detect_format(spark, url)
     if fmt is InputFormat.images:
-        if not is_glob(url) and not Storage(spark).is_dir(url):
+        if not is_glob(url) and not storage_for(spark).is_dir(url):
             raise InputError(f"infer.input={url!r} is not a folder; point the stream at the folder images arrive in")
         frame = (
             _binary_files(spark.readStream.schema(BINARY_FILE_SCHEMA), url)
@@ -197,7 +206,8 @@ def _image_files(spark: SparkSession, url: str, infer: InferConfig) -> ImageTabl
         raise InputError(f"cannot list infer.input={url!r}: {exc}") from None
     if not count:
         raise InputError(f"infer.input={url!r} matches no files; check the folder or glob")
-    partitions = infer.partitions or max(spark.sparkContext.defaultParallelism, math.ceil(count / FILES_PER_TASK))
+    slots = default_parallelism(spark) or CONNECT_MIN_TASKS
+    partitions = infer.partitions or max(slots, math.ceil(count / FILES_PER_TASK))
     return ImageTable(frame=frame.repartition(partitions), key="path", format=InputFormat.images, reads_files=True,
                       has_sizes=False)
 

@@ -19,7 +19,7 @@ from petseg.data.decode import CLASSES, DEFAULT_MAX_IMAGE_PIXELS
 from petseg.env import pin_task_gpus
 from petseg.errors import InputError
 from petseg.infer.streaming import check_output, error_reason, observe_counts, run_query
-from petseg.io.fs import Storage
+from petseg.io.fs import storage_for
 from petseg.io.urls import is_table_name
 from petseg.model import artifact
 from petseg.session import session_confs, task_cpus
@@ -27,6 +27,7 @@ from petseg.tracking import flatten, tracked_run
 
 if TYPE_CHECKING:
     from pyspark import SparkConf
+    from pyspark.sql.conf import RuntimeConfig
 
     from petseg.infer.segment import EncodedSegmentation, ImageRow
 
@@ -52,7 +53,7 @@ SEGMENTATION_SCHEMA = StructType(
 )
 
 
-def check_gpu_task_slots(conf: "SparkConf") -> None:
+def check_gpu_task_slots(conf: "SparkConf | RuntimeConfig") -> None:
     """Refuse GPU scheduling under which a reused Python worker would be handed another task's GPU.
 
     Each worker's TensorFlow is pinned to the GPUs of its first task (:func:`petseg.env.pin_task_gpus`)
@@ -246,7 +247,7 @@ def run_infer(
     """
     start = time.perf_counter()
     model = artifact.resolve(str(infer.model))  # fail before touching the input
-    check_gpu_task_slots(spark.sparkContext.getConf())
+    check_gpu_task_slots(spark.conf)
     version = model.version
     params = {**flatten({"infer": to_dict(infer)}), "model_version": version,
               "model_mlflow_run_id": model.mlflow_run_id}
@@ -363,6 +364,6 @@ def write_output(spark: SparkSession, frame: DataFrame, *, output: str) -> DataF
         # overwriteSchema lets a Delta table take a new schema on re-run; Parquet tables ignore it.
         frame.write.mode("overwrite").option("overwriteSchema", "true").saveAsTable(output)
         return spark.table(output)
-    with Storage(spark).atomic_output(output) as tmp:
+    with storage_for(spark).atomic_output(output) as tmp:
         frame.write.mode("overwrite").parquet(tmp)
     return spark.read.parquet(output)

@@ -11,7 +11,7 @@ from petseg.config import InferConfig, InputFormat
 from petseg.data.decode import decode_rgb, resize_mask
 from petseg.errors import RejectedInput
 from petseg.infer.inputs import ImageTable, source_frame
-from petseg.io.fs import Storage, read_file
+from petseg.io.fs import read_file, storage_for
 from petseg.io.urls import is_table_name
 
 #: The longest side of a photo in the preview: enough to judge a mask, small on the driver.
@@ -62,5 +62,5 @@ def write_preview(spark: SparkSession, *, infer: InferConfig, table: ImageTable)
     from petseg.plots import overlay_png
 
     url = preview_url(output)
-    Storage(spark).write_bytes(url, overlay_png(titles, photos, masks))
+    storage_for(spark).write_bytes(url, overlay_png(titles, photos, masks))
     return url

@@ -23,7 +23,7 @@ from pyspark.sql import functions as F
 
 from petseg.config import InferConfig, InferMode
 from petseg.errors import InputError
-from petseg.io.fs import Storage
+from petseg.io.fs import storage_for
 from petseg.io.urls import is_table_name
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def check_output(spark: SparkSession, infer: InferConfig) -> None:
     output = str(infer.output)
     if is_table_name(output):
         return
-    storage = Storage(spark)
+    storage = storage_for(spark)
     if storage.exists(output) and not storage.exists(f"{output.rstrip('/')}/_spark_metadata"):
         raise InputError(
             f"infer.output={output!r} holds the output of a batch run (infer.mode=batch); infer.mode="

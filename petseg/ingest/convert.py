@@ -21,7 +21,7 @@ from petseg.data.decode import DEFAULT_MAX_IMAGE_PIXELS, prepare_example
 from petseg.data.schema import REJECTS_SCHEMA, SPLIT, ignore_petastorm_pyarrow_deprecations, pet_schema
 from petseg.errors import InputError, RejectedInput
 from petseg.ingest.pairs import PAIRS_SCHEMA
-from petseg.io.fs import Storage, read_file
+from petseg.io.fs import read_file, storage_for
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def write_dataset(spark: SparkSession, examples: DataFrame, *, url: str, data: D
     schema = pet_schema(image_size=data.image_size, image_codec=data.image_codec.value)
     columns = [name for name in schema.fields if name != SPLIT]
     ignore_petastorm_pyarrow_deprecations()
-    with Storage(spark).atomic_output(url) as tmp:
+    with storage_for(spark).atomic_output(url) as tmp:
         with materialize_dataset(spark, tmp, schema, data.rowgroup_size_mb):
             for split, rows in sorted(split_rows.items()):
                 (
@@ -174,7 +174,7 @@ def rejects_table(rejects: DataFrame) -> DataFrame:
 
 def write_rejects(spark: SparkSession, rejects: DataFrame, *, url: str) -> None:
     """Write the rejects table (id, split, path, reason, detail) as Parquet, replacing ``url`` atomically."""
-    with Storage(spark).atomic_output(url) as tmp:
+    with storage_for(spark).atomic_output(url) as tmp:
         rejects_table(rejects).write.mode("overwrite").parquet(tmp)
 
 
@@ -199,7 +199,7 @@ def run_ingest(spark: SparkSession, *, data: DataConfig) -> IngestReport:
         When the input is missing or empty, or (after the rejects are written, so they can be
         inspected) when no valid example remains.
     """
-    storage = Storage(spark)
+    storage = storage_for(spark)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 

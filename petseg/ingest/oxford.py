@@ -23,7 +23,7 @@ from pyspark.sql import functions as F
 
 from petseg.errors import InputError, RejectedInput
 from petseg.ingest.pairs import PAIRS_SCHEMA
-from petseg.io.fs import Storage, list_files, read_file
+from petseg.io.fs import list_files, read_file, storage_for
 
 #: Image files are matched by extension only to find them; decoding goes by content.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "JPG", "JPEG", "png", "PNG")
@@ -62,7 +62,7 @@ def load_oxford(
         When the folders or both split lists are missing, or no image file is found.
     """
     root = root.rstrip("/")
-    storage = Storage(spark)
+    storage = storage_for(spark)
     images_url, trimaps_url = f"{root}/images", f"{root}/annotations/trimaps"
     missing = [u for u in (images_url, trimaps_url) if not storage.is_dir(u)]
     if missing:

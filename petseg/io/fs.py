@@ -2,8 +2,11 @@
 
 What Spark writes is moved and published through the cluster's Hadoop FileSystem (:class:`Storage`),
 with the credentials the cluster already has configured: one code path for file://, hdfs://,
-s3a://, gs:// and abfss://. Files are listed and read through pyarrow (:func:`list_files`,
-:func:`read_file`), on the driver or on executors. Both follow :mod:`petseg.io.urls`.
+s3a://, gs:// and abfss://. Over Spark Connect there is no JVM gateway to reach it, so the same
+operations go through pyarrow on the client (:class:`ArrowStorage`), which must then see the
+storage the server writes (a Databricks job on serverless compute sees /Volumes and cloud URLs).
+:func:`storage_for` picks one. Files are listed and read through pyarrow (:func:`list_files`,
+:func:`read_file`), on the driver or on executors. All follow :mod:`petseg.io.urls`.
 """
 
 from __future__ import annotations
@@ -29,7 +32,73 @@ PARALLEL_LISTING_FOLDERS = 32
 
 
 class Storage:
-    """Hadoop FileSystem operations for one Spark session."""
+    """Files and folders of outputs: what each stage needs to check inputs and publish outputs.
+
+    Subclasses give the primitive operations; publishing (:meth:`atomic_output`, :meth:`replace`)
+    is built on them once.
+    """
+
+    def exists(self, url: str) -> bool:
+        raise NotImplementedError
+
+    def is_dir(self, url: str) -> bool:
+        raise NotImplementedError
+
+    def glob(self, url: str, pattern: str) -> list[tuple[str, int]]:
+        """(path, length) of the files under ``url`` matching a Hadoop glob such as ``*.{jpg,png}``."""
+        raise NotImplementedError
+
+    def write_bytes(self, url: str, data: bytes) -> None:
+        """Write a small file (a report, a PNG), replacing it."""
+        raise NotImplementedError
+
+    def delete(self, url: str) -> None:
+        raise NotImplementedError
+
+    def rename(self, src: str, dst: str) -> None:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def atomic_output(self, url: str) -> Iterator[str]:
+        """Yield a temporary sibling URL to write into; on success it replaces ``url``.
+
+        A failed write leaves ``url`` as it was (the old output, or nothing) and removes the
+        temporary folder. On HDFS and local disks the final rename is atomic; on object stores
+        (s3a, gs) rename is a copy, but readers still never see a half-written new output.
+        """
+        base = url.rstrip("/")
+        tmp = f"{base}.petseg-tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            yield tmp
+            self.replace(tmp, base)
+        except BaseException:
+            self.delete(tmp)
+            raise
+
+    def replace(self, src: str, dst: str) -> None:
+        """Move the folder ``src`` to ``dst``, replacing what ``dst`` holds.
+
+        On failure both stay as they were. The old output is renamed aside first and deleted last,
+        so a reader sees the old folder or the new one (or, between two renames, none), never a mix.
+        """
+        base = dst.rstrip("/")
+        old = f"{base}.petseg-old-{uuid.uuid4().hex[:12]}"
+        had_old = self.exists(base)
+        if had_old:
+            self.rename(base, old)
+        try:
+            self.rename(src, base)
+        except BaseException:
+            if had_old:
+                self.rename(old, base)
+            raise
+        if had_old:
+            self.delete(old)
+        log.info("wrote %s", base)
+
+
+class HadoopStorage(Storage):
+    """Storage through the Hadoop FileSystem of a classic session's JVM."""
 
     def __init__(self, spark: SparkSession) -> None:
         self._spark = spark
@@ -74,43 +143,74 @@ class Storage:
         if not fs.rename(src_path, dst_path):
             raise OSError(f"could not rename {src} to {dst}; check permissions and that {dst} does not exist")
 
-    @contextlib.contextmanager
-    def atomic_output(self, url: str) -> Iterator[str]:
-        """Yield a temporary sibling URL to write into; on success it replaces ``url``.
 
-        A failed write leaves ``url`` as it was (the old output, or nothing) and removes the
-        temporary folder. On HDFS and local disks the final rename is atomic; on object stores
-        (s3a, gs) rename is a copy, but readers still never see a half-written new output.
-        """
-        base = url.rstrip("/")
-        tmp = f"{base}.petseg-tmp-{uuid.uuid4().hex[:12]}"
+class ArrowStorage(Storage):
+    """Storage through pyarrow's file systems (:func:`petseg.io.urls.arrow_filesystem`), for
+    sessions without a JVM gateway (Spark Connect)."""
+
+    def exists(self, url: str) -> bool:
+        from pyarrow import fs as pafs
+
+        fs, path = urls.arrow_filesystem(url)
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def is_dir(self, url: str) -> bool:
+        from pyarrow import fs as pafs
+
+        fs, path = urls.arrow_filesystem(url)
+        return fs.get_file_info(path).type == pafs.FileType.Directory
+
+    def glob(self, url: str, pattern: str) -> list[tuple[str, int]]:
+        from pyarrow import fs as pafs
+
+        target = _ListTarget.of(f"{url.rstrip('/')}/{pattern}")
+        fs, base = urls.arrow_filesystem(target.url(target.base_path))
+        if fs.get_file_info(base).type != pafs.FileType.Directory:
+            return []
+        depth = max(len(p) for p in target.patterns)
+        found = []
+        for entry in fs.get_file_info(pafs.FileSelector(base, recursive=depth > 1)):
+            relative = entry.path[len(base.rstrip("/")) + 1:].split("/")
+            if entry.type == pafs.FileType.File and any(
+                len(relative) == len(p) and all(fnmatchcase(r, q) for r, q in zip(relative, p)) for p in target.patterns
+            ):
+                found.append((target.url(f"{target.base_path.rstrip('/')}/{'/'.join(relative)}"), int(entry.size)))
+        return found
+
+    def write_bytes(self, url: str, data: bytes) -> None:
+        fs, path = urls.arrow_filesystem(url)
+        parent = path.rsplit("/", 1)[0]
+        if parent:
+            fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+
+    def delete(self, url: str) -> None:
+        from pyarrow import fs as pafs
+
+        fs, path = urls.arrow_filesystem(url)
+        kind = fs.get_file_info(path).type
+        if kind == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif kind != pafs.FileType.NotFound:
+            fs.delete_file(path)
+
+    def rename(self, src: str, dst: str) -> None:
+        fs, src_path = urls.arrow_filesystem(src)
+        _, dst_path = urls.arrow_filesystem(dst)
+        if self.exists(dst):
+            raise OSError(f"could not rename {src} to {dst}: {dst} exists")
         try:
-            yield tmp
-            self.replace(tmp, base)
-        except BaseException:
-            self.delete(tmp)
-            raise
+            fs.move(src_path, dst_path)
+        except OSError as exc:
+            raise OSError(f"could not rename {src} to {dst} ({exc}); check permissions") from None
 
-    def replace(self, src: str, dst: str) -> None:
-        """Move the folder ``src`` to ``dst``, replacing what ``dst`` holds.
 
-        On failure both stay as they were. The old output is renamed aside first and deleted last,
-        so a reader sees the old folder or the new one (or, between two renames, none), never a mix.
-        """
-        base = dst.rstrip("/")
-        old = f"{base}.petseg-old-{uuid.uuid4().hex[:12]}"
-        had_old = self.exists(base)
-        if had_old:
-            self.rename(base, old)
-        try:
-            self.rename(src, base)
-        except BaseException:
-            if had_old:
-                self.rename(old, base)
-            raise
-        if had_old:
-            self.delete(old)
-        log.info("wrote %s", base)
+def storage_for(spark: SparkSession) -> Storage:
+    """The :class:`Storage` of a session: Hadoop's for a classic one, pyarrow's over Spark Connect."""
+    from petseg.session import is_connect
+
+    return ArrowStorage() if is_connect(spark) else HadoopStorage(spark)
 
 
 def list_files(url: str) -> list[str]:
@@ -146,7 +246,9 @@ def list_files_frame(spark: SparkSession, url: str, *, parallel_folders: int = P
             for folder in batch["folder"]:
                 yield pd.DataFrame({"path": target.walk(folder)}, dtype=object)
 
-    tasks = min(len(folders), 4 * spark.sparkContext.defaultParallelism)
+    from petseg.session import default_parallelism
+
+    tasks = min(len(folders), 4 * (default_parallelism(spark) or 2))
     listed = (
         spark.createDataFrame(pd.DataFrame({"folder": folders}), "folder string")
         .repartition(tasks)

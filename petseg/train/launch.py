@@ -16,7 +16,7 @@ from petseg.data.reader import dataset_fingerprint, split_stats
 from petseg.data.schema import ignore_petastorm_pyarrow_deprecations
 from petseg.errors import InputError
 from petseg.io import urls
-from petseg.io.fs import Storage
+from petseg.io.fs import storage_for
 from petseg.tracking import flatten, tracked_run
 from petseg.train import rundir
 from petseg.train.progress import progress_server
@@ -210,7 +210,7 @@ def run_train(spark: SparkSession, *, cfg: Config) -> TrainResult:
                 f"stopped after epoch {result['stopped_after_epoch']} as configured (train.stop_after_epoch); run "
                 f"{run.run_id} waits in {run.work_dir}: re-run without train.stop_after_epoch to resume it"
             )
-        rundir.publish(Storage(spark), run)
+        rundir.publish(storage_for(spark), run)
         result = {**result, "model_dir": run.published(result["model_dir"]),
                   "outputs": {k: run.published(v) for k, v in result["outputs"].items()}}
         if tracked is not None:
