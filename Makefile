@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.petseg-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench package cluster-demo lock java clean
+.PHONY: demo test bench package cluster-demo lock java clean connect-env connect-lock
 
 # Spark needs a JVM; say how to get one instead of failing deep inside py4j.
 java:
@@ -18,15 +18,29 @@ java:
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,package]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[train,test,package]'
 	@touch $@
+
+# The Spark 4 inference environment: pyspark 4.0 with Spark Connect, numpy 2, no petastorm or
+# spark-tensorflow-distributor. Its interpreter also runs the local Connect server the tests start
+# (jobs/connect_server.py), so that the server's Python workers import the same petseg.
+CONNECT_VENV  ?= .venv-connect
+CONNECT_PY    := $(CONNECT_VENV)/bin/python
+CONNECT_STAMP := $(CONNECT_VENV)/.petseg-installed
+$(CONNECT_STAMP): pyproject.toml constraints-connect.txt
+	@test -x $(CONNECT_PY) || $(PYTHON) -m venv $(CONNECT_VENV)
+	$(CONNECT_PY) -m pip install --quiet --upgrade pip
+	$(CONNECT_PY) -m pip install --quiet -c constraints-connect.txt -e '.[infer,test]'
+	@touch $@
+
+connect-env: $(CONNECT_STAMP)
 
 # The whole pipeline on local Spark with the embedded default (conf/local.yaml): ingest -> train -> infer -> evaluate.
 demo: java $(STAMP)
 	$(VENV)/bin/petseg demo
 
 # pytest exits 5 when it collects nothing; that is a failure here, with a message.
-test: java $(STAMP)
+test: java $(STAMP) $(CONNECT_STAMP)
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: check tests/ and PYTEST_ARGS"; fi; exit $$rc
 
@@ -45,7 +59,7 @@ package: $(STAMP)
 	rm -rf $(DIST) $(PACK_ENV)
 	$(PY) -m build --wheel --outdir $(DIST) .
 	"$$($(PY) -c 'import sys; print(sys._base_executable)')" -m venv $(PACK_ENV)
-	$(PACK_ENV)/bin/python -m pip install --quiet -c constraints.txt $(DIST)/petseg-*.whl
+	$(PACK_ENV)/bin/python -m pip install --quiet -c constraints.txt "$$(ls $(DIST)/petseg-*.whl)[train]"
 	$(VENV)/bin/venv-pack --prefix $(PACK_ENV) --output $(DIST)/petseg-env.tar.gz --compress-level 1 --force --quiet
 
 # Re-pin constraints.txt from the current environment after changing dependencies.
@@ -53,6 +67,11 @@ lock: $(STAMP)
 	{ echo "# The exact package set petseg is tested with (Python 3.11). The Makefile installs with -c this file."; \
 	  echo "# Regenerate after changing pyproject.toml: make lock"; \
 	  $(PY) -m pip freeze --exclude-editable | grep -v '^petseg'; } > constraints.txt
+
+connect-lock: $(CONNECT_STAMP)
+	{ echo "# The Spark 4 inference environment petseg is tested with (Python 3.11): make connect-env."; \
+	  echo "# Regenerate after changing pyproject.toml: make connect-lock"; \
+	  $(CONNECT_PY) -m pip freeze --exclude-editable | grep -v '^petseg'; } > constraints-connect.txt
 
 clean:
 	rm -rf build .pytest_cache

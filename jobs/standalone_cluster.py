@@ -23,6 +23,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 STATE_FILE = "cluster.json"
 HOST = "127.0.0.1"
@@ -40,10 +41,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _launch(args: list[str], *, log: Path, env: dict[str, str], state: dict) -> subprocess.Popen:
-    """Start ``spark-class args`` and record its id and command line in ``state``."""
-    command = [str(spark_home() / "bin" / "spark-class"), *args]
-    # spark-class ends in `exec java ...`, so the id we record is the JVM's own.
+def _launch(args: list[str], *, log: Path, env: dict[str, str], state: dict, program: str = "spark-class") -> subprocess.Popen:
+    """Start ``bin/<program> args`` in a session of its own and record its id and command line in ``state``."""
+    command = [str(spark_home() / "bin" / program), *args]
+    # spark-class (and spark-submit, through it) ends in `exec java ...`, so the id we record is the JVM's own.
     with open(log, "ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     state["pids"].append(process.pid)
@@ -52,10 +53,11 @@ def _launch(args: list[str], *, log: Path, env: dict[str, str], state: dict) -> 
 
 
 def _still_ours(pid: int, command: list[str] | None) -> bool:
-    """Whether process ``pid`` still runs ``command``: its arguments end its command line.
+    """Whether process ``pid`` still runs ``command``: every argument it was given is on its command line.
 
-    After spark-class's ``exec java`` the program and the options before them differ, but the
-    class and its arguments (unique ports and work folders) stay at the end.
+    After spark-class's ``exec java`` the program and the options before the arguments differ, and
+    spark-submit's launcher regroups its options, but each argument (unique ports and work folders
+    among them) is still there.
     """
     if not command:
         return False
@@ -63,9 +65,12 @@ def _still_ours(pid: int, command: list[str] | None) -> bool:
         running = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    args = [arg.encode() for arg in command[1:]]
-    running = running[:-1] if running and running[-1] == b"" else running
-    return len(running) > len(args) and running[-len(args):] == args
+    left = list(running)
+    for arg in command[1:]:
+        if arg.encode() not in left:
+            return False
+        left.remove(arg.encode())
+    return True
 
 
 def _master_state(ui_port: int) -> dict | None:
@@ -74,6 +79,18 @@ def _master_state(ui_port: int) -> dict | None:
             return json.load(response)
     except (OSError, ValueError):
         return None
+
+
+def wait_until(ready: Callable[[], bool], process: subprocess.Popen, *, timeout: float, every: float = 0.5) -> bool:
+    """Poll ``ready`` until it holds (True), ``process`` has exited or ``timeout`` seconds have passed (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(every)
+    return False
 
 
 def start(*, directory: Path, workers: int, cores: int, memory: str, timeout: float = 120.0) -> dict:
@@ -102,21 +119,27 @@ def start(*, directory: Path, workers: int, cores: int, memory: str, timeout: fl
             log=logs / f"worker-{i}.log", env=env, state=state,
         )
         (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         seen = _master_state(ui_port)
         alive = [w for w in (seen or {}).get("workers", []) if w.get("state") == "ALIVE"]
-        if seen and seen.get("status") == "ALIVE" and len(alive) == workers:
-            return state
-        if master.poll() is not None:
-            break
-        time.sleep(1)
+        return bool(seen and seen.get("status") == "ALIVE" and len(alive) == workers)
+
+    if wait_until(ready, master, timeout=timeout):
+        return state
     stop(directory=directory)
     raise SystemExit(f"the standalone cluster did not come up within {timeout:.0f} s; see the logs in {logs}")
 
 
 def stop(*, directory: Path, grace: float = 20.0) -> None:
-    state_file = directory / STATE_FILE
+    stop_recorded(directory / STATE_FILE, grace=grace)
+
+
+def stop_recorded(state_file: Path, *, grace: float = 20.0) -> None:
+    """End the processes ``state_file`` records, last started first, and the processes they started.
+
+    Each was started in a session (and process group) of its own, so what is left of its group once
+    it has ended (Python workers of its executors) is its own and is killed too.
+    """
     if not state_file.exists():
         return
     state = json.loads(state_file.read_text())
@@ -138,6 +161,10 @@ def stop(*, directory: Path, grace: float = 20.0) -> None:
             time.sleep(0.2)
         if _running(pid) and _still_ours(pid, commands.get(str(pid))):
             os.kill(pid, signal.SIGKILL)
+        try:
+            os.killpg(pid, signal.SIGKILL)  # the group's leader is gone: only its own descendants remain
+        except (ProcessLookupError, PermissionError):
+            pass
     state_file.unlink()
 
 

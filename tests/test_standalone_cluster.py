@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,11 @@ def _load_cluster_script():
 @pytest.fixture
 def sleeper():
     process = subprocess.Popen(["sleep", "300"])
+    # Popen returns once the child's exec has begun; from a large parent (this test process, after
+    # others) /proc still shows the parent's name and an empty command line for a moment after.
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{process.pid}/cmdline").read_bytes() != b"sleep\0" + b"300\0" and time.monotonic() < deadline:
+        time.sleep(0.01)
     yield process
     process.kill()
     process.wait()
