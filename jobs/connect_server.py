@@ -6,10 +6,11 @@
 pyspark 4.0's wheel carries the Connect server (``jars/spark-connect_2.13-*.jar``) but not Spark's
 ``sbin/start-connect-server.sh``, so ``start`` runs ``bin/spark-submit`` with the server's class,
 as that script does. The server's Python workers run this interpreter, so they import the same
-petseg and TensorFlow as the client. ``start`` waits until the server accepts connections, records
-its process id and command line in ``<dir>/server.json`` and prints its ``sc://`` URL on the last
-line; ``stop`` ends exactly that process and its workers, only while the id still runs the command
-it started. The server listens on 127.0.0.1 only; its log is ``<dir>/server.log``.
+petseg and TensorFlow as the client; like serverless executors, they get no TF_USE_LEGACY_KERAS.
+``start`` waits until the server accepts connections, records its process id and command line in
+``<dir>/server.json`` and prints its ``sc://`` URL on the last line; ``stop`` ends exactly that
+process and its workers, only while the id still runs the command it started. The server listens
+on 127.0.0.1 only; its log is ``<dir>/server.log``.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ def start(*, directory: Path, master: str, timeout: float = 180.0) -> dict:
     directory.mkdir(parents=True, exist_ok=True)
     if (directory / STATE_FILE).exists():
         raise SystemExit(f"{directory / STATE_FILE} exists: a server may be running; run `stop --dir {directory}` first")
-    from petseg.env import prepare_process_environment
-
-    prepare_process_environment(master=master)  # this interpreter for the workers; legacy Keras
-    env = dict(os.environ, SPARK_HOME=str(spark_home()), SPARK_LOCAL_IP=HOST, PYSPARK_PYTHON=sys.executable)
+    # The workers run this interpreter. TF_USE_LEGACY_KERAS is left out on purpose: serverless and
+    # standard-access executors take no spark.executorEnv, so petseg's tasks must select tf-keras
+    # themselves, and this server shows whether they do.
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    env.update(SPARK_HOME=str(spark_home()), SPARK_LOCAL_IP=HOST, PYSPARK_PYTHON=sys.executable)
     port = _free_port()
     url = f"sc://{HOST}:{port}"
     state: dict = {"url": url, "pids": [], "commands": {}}

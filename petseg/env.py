@@ -57,6 +57,19 @@ class GpuPinError(InputError):
 _pinned: str | None = None
 
 
+def prepare_task_environment() -> str | None:
+    """Ready a Spark task's Python worker for TensorFlow; call it in the task before TensorFlow is imported.
+
+    Selects tf-keras and quiets TensorFlow's C++ log in the worker itself, where the cluster may give
+    executors neither: serverless compute and standard-access clusters take no ``spark.executorEnv.*``,
+    and Keras 3 cannot load the model tf-keras saved. Then pins the task's GPUs (:func:`pin_task_gpus`),
+    whose addresses it returns.
+    """
+    os.environ.setdefault(LEGACY_KERAS_ENV, "1")
+    os.environ.setdefault(TF_LOG_LEVEL_ENV, "2")
+    return pin_task_gpus()
+
+
 def pin_task_gpus() -> str | None:
     """Show this process's TensorFlow only the GPUs Spark assigned to the running task; call it in a
     task before TensorFlow is imported.

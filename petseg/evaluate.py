@@ -23,7 +23,7 @@ from pyspark.sql.types import LongType, StringType, StructField, StructType
 from petseg.config import EvaluateConfig
 from petseg.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from petseg.data.schema import SPLIT
-from petseg.env import pin_task_gpus
+from petseg.env import prepare_task_environment
 from petseg.errors import InputError, RejectedInput
 from petseg.infer.job import check_gpu_task_slots
 from petseg.io.fs import storage_for
@@ -110,7 +110,7 @@ def _confusion_per_partition(
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from petseg.data.decode import decode_for_model, decode_label_mask, resize_mask
 
-        pin_task_gpus()  # before the load imports TensorFlow
+        prepare_task_environment()  # before the load imports TensorFlow
         loaded = artifact.load(model_uri, threads=threads, version=version)
         total, images, failed = np.zeros((n_classes, n_classes), np.int64), 0, Counter()
         for batch in batches:

@@ -16,7 +16,7 @@ from pyspark.sql.types import BinaryType, DoubleType, IntegerType, StringType, S
 
 from petseg.config import InferConfig, InferMode, MlflowConfig, to_dict
 from petseg.data.decode import CLASSES, DEFAULT_MAX_IMAGE_PIXELS
-from petseg.env import pin_task_gpus
+from petseg.env import prepare_task_environment
 from petseg.errors import InputError
 from petseg.infer.streaming import check_output, error_reason, observe_counts, run_query
 from petseg.io.fs import storage_for
@@ -131,7 +131,7 @@ def segment_udf(
     def segment(batches: Iterator[Tuple[pd.Series, pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
         from petseg.infer.segment import segment_stream
 
-        pin_task_gpus()  # before the load imports TensorFlow
+        prepare_task_environment()  # before the load imports TensorFlow
         loaded = artifact.load(model_uri, threads=threads, version=model_version)
         rows = (_image_rows(*batch) for batch in batches)
         for results in segment_stream(loaded, rows, batch_size=batch_size, read_files=read_files,
