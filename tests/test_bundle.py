@@ -13,13 +13,17 @@ from petseg.io import urls
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _bundle() -> dict:
+def _bundle() -> tuple[dict, dict[str, Path]]:
+    """The bundle with its included resources merged, and the file that defines each job."""
     bundle = yaml.safe_load((ROOT / "databricks.yml").read_text())
+    sources: dict[str, Path] = {}
     for pattern in bundle.get("include", []):
         for path in sorted(ROOT.glob(pattern)):
             for key, value in yaml.safe_load(path.read_text())["resources"].items():
                 bundle.setdefault("resources", {}).setdefault(key, {}).update(value)
-    return bundle
+                if key == "jobs":
+                    sources.update({name: path for name in value})
+    return bundle, sources
 
 
 def _substitute(value: str, variables: dict[str, str], target: str) -> str:
@@ -33,7 +37,7 @@ def _substitute(value: str, variables: dict[str, str], target: str) -> str:
     return re.sub(r"\$\{([^}]+)\}", one, value)
 
 
-BUNDLE = _bundle()
+BUNDLE, SOURCES = _bundle()
 TARGETS = list(BUNDLE["targets"])
 TASKS = [(job, task) for job, spec in BUNDLE["resources"]["jobs"].items() for task in spec["tasks"]]
 
@@ -48,6 +52,34 @@ def test_bundle_shape():
     assert cluster["spark_env_vars"]["TF_USE_LEGACY_KERAS"] == "1"
     keys = {t["job_cluster_key"] for t in job["tasks"]}
     assert keys <= {c["job_cluster_key"] for c in job["job_clusters"]}
+
+
+def test_every_wheel_path_names_the_built_wheel_from_the_file_that_holds_it():
+    """Bundle paths resolve against the file they are written in: a resources/ file reaches the
+    wheel that the artifact build writes to <root>/dist as ../dist/*.whl."""
+    built = ROOT / BUNDLE["artifacts"]["petseg_wheel"]["path"] / "dist"
+    for job, spec in BUNDLE["resources"]["jobs"].items():
+        paths = [lib["whl"] for task in spec["tasks"] for lib in task.get("libraries", []) if "whl" in lib]
+        paths += [dep for env in spec.get("environments", []) for dep in env["spec"].get("dependencies", [])]
+        assert paths, f"job {job} installs no wheel"
+        for path in paths:
+            resolved = (SOURCES[job].parent / path).resolve()
+            assert resolved.parent == built.resolve() and resolved.name == "*.whl", f"{job}: {path} -> {resolved}"
+
+
+def test_the_serverless_job_runs_only_the_connect_jobs_in_a_python_311_environment_with_the_wheel():
+    from petseg.config.checks import CONNECT_JOBS
+
+    job = BUNDLE["resources"]["jobs"]["petseg_serverless_infer"]
+    assert "job_clusters" not in job
+    environments = {env["environment_key"]: env["spec"] for env in job["environments"]}
+    # Version 2 is Python 3.11; versions 3 and 4 run Python 3.12, outside requires-python.
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert requires.endswith("<3.12") and all(spec["environment_version"] == "2" for spec in environments.values())
+    for task in job["tasks"]:
+        assert task["task_key"] in CONNECT_JOBS
+        assert "job_cluster_key" not in task and "new_cluster" not in task and "libraries" not in task
+        assert any(dep.endswith(".whl") for dep in environments[task["environment_key"]]["dependencies"])
 
 
 @pytest.mark.parametrize("target", TARGETS)
