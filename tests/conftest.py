@@ -149,6 +149,35 @@ def exported_run(tmp_path_factory) -> Path:
     return run
 
 
+def write_pet_photos(folder: Path, *, count: int = 4, seed: int = 6, size: tuple[int, int] = (48, 40)) -> list:
+    """``count`` synthetic pets as ``folder/p<i>.png``; the pets, for the masks to be checked against."""
+    folder.mkdir()
+    pets = [render.synthetic_pet(i, seed=seed, size=size) for i in range(count)]
+    for i, pet in enumerate(pets):
+        (folder / f"p{i}.png").write_bytes(render.encode_png(pet.image))
+    return pets
+
+
+def assert_masks_are_a_fresh_predict(spark, output: Path, *, model, pets: list, preprocessing: str, version: str) -> None:
+    """Every row :func:`write_pet_photos`' photos got in the inference ``output`` carries ``version`` and the
+    mask a local ``model.predict`` gives, at the photo's own size."""
+    import cv2
+
+    from petseg.data import decode
+    from petseg.model import preprocess
+
+    size = model.input_shape[1]
+    pixels = preprocess(np.stack([decode.resize_image(p.image, size) for p in pets]), preprocessing)
+    expected = np.argmax(model.predict(pixels, verbose=0), axis=-1).astype(np.uint8)
+    rows = spark.read.parquet(str(output)).collect()
+    assert len(rows) == len(pets)
+    for row in rows:
+        i = int(row["path"].rsplit("/p", 1)[1].split(".")[0])
+        assert row["model_version"] == version
+        mask = cv2.imdecode(np.frombuffer(row["mask_png"], np.uint8), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(mask, decode.resize_mask(expected[i], pets[i].image.shape[:2]))
+
+
 def load_job_config(job: str, *overrides: str) -> config.Config:
     """A validated config from base.yaml plus ``key=value`` overrides, checked for ``job``."""
     return config.load(overrides=list(overrides), job=job)

@@ -220,13 +220,12 @@ def test_job_segments_files_whose_names_hold_a_space_a_percent_and_a_hash(spark,
 def test_a_run_retrained_into_the_same_folder_is_loaded_anew_in_reused_workers(spark, tmp_path):
     """A notebook: infer, retrain into the same folder, infer again in the same session (Spark reuses
     its Python workers, and with them any model they cached)."""
-    from petseg.model import build_unet, preprocess
+    from conftest import assert_masks_are_a_fresh_predict, write_pet_photos
+
+    from petseg.model import build_unet
 
     folder = tmp_path / "photos"
-    folder.mkdir()
-    pets = [render.synthetic_pet(i, seed=6, size=(48, 40)) for i in range(4)]
-    for i, pet in enumerate(pets):
-        (folder / f"p{i}.png").write_bytes(render.encode_png(pet.image))
+    pets = write_pet_photos(folder)
     run = tmp_path / "run"
     for seed, run_id in ((11, "first"), (12, "second")):
         model = build_unet(image_size=32, n_depth=2, encoder_weights="none", seed=seed)
@@ -235,12 +234,8 @@ def test_a_run_retrained_into_the_same_folder_is_loaded_anew_in_reused_workers(s
         _, report = _infer(spark, f"infer.model={run}", f"infer.input={folder}", f"infer.output={tmp_path / run_id}",
                            "infer.partitions=2")
         assert report.model_version == run_id and report.segmented == 4
-        pixels = preprocess(np.stack([decode.resize_image(p.image, 32) for p in pets]), "unit_scale")
-        expected = np.argmax(model.predict(pixels, verbose=0), axis=-1).astype(np.uint8)  # a fresh local predict
-        for row in spark.read.parquet(str(tmp_path / run_id)).collect():
-            i = int(row["path"].rsplit("/p", 1)[1].split(".")[0])
-            assert row["model_version"] == run_id
-            np.testing.assert_array_equal(_decode_png(row["mask_png"]), decode.resize_mask(expected[i], (40, 48)))
+        assert_masks_are_a_fresh_predict(spark, tmp_path / run_id, model=model, pets=pets, preprocessing="unit_scale",
+                                         version=run_id)
     with pytest.raises(InputError, match="is now version second, not first"):
         artifact.load(f"file://{run}", version="first")
 

@@ -384,18 +384,13 @@ def test_mlflow_tracks_training_and_the_inference_that_uses_it(spark, tiny_datas
 def test_two_trainings_into_one_folder_each_segment_with_their_own_model_and_version(spark, tiny_dataset, tmp_path):
     """A notebook: train, infer, retrain into the same folder, infer again in one session. Spark reuses
     its Python workers, and with them any model they cached; each inference must use the run it names."""
-    import cv2
-    import numpy as np
+    from conftest import assert_masks_are_a_fresh_predict, write_pet_photos
 
-    from petseg.data import decode, render
     from petseg.infer.job import run_infer
-    from petseg.model import custom_objects, keras_module, preprocess
+    from petseg.model import custom_objects, keras_module
 
     photos = tmp_path / "photos"
-    photos.mkdir()
-    pets = [render.synthetic_pet(i, seed=6, size=(48, 40)) for i in range(4)]
-    for i, pet in enumerate(pets):
-        (photos / f"p{i}.png").write_bytes(render.encode_png(pet.image))
+    pets = write_pet_photos(photos)
     run = tmp_path / "run"
     versions = []
     for seed in (1, 2):
@@ -408,12 +403,7 @@ def test_two_trainings_into_one_folder_each_segment_with_their_own_model_and_ver
         assert report.model_version == trained.run_id and report.segmented == 4
         meta = artifact.resolve(str(run))
         model = keras_module().models.load_model(str(meta.model_dir), compile=False, custom_objects=custom_objects())
-        pixels = preprocess(np.stack([decode.resize_image(p.image, 32) for p in pets]), meta.preprocessing)
-        expected = np.argmax(model.predict(pixels, verbose=0), axis=-1).astype(np.uint8)  # a fresh local predict
-        for row in spark.read.parquet(str(output)).collect():
-            i = int(row["path"].rsplit("/p", 1)[1].split(".")[0])
-            assert row["model_version"] == trained.run_id
-            mask = cv2.imdecode(np.frombuffer(row["mask_png"], np.uint8), cv2.IMREAD_UNCHANGED)
-            np.testing.assert_array_equal(mask, decode.resize_mask(expected[i], (40, 48)))
+        assert_masks_are_a_fresh_predict(spark, output, model=model, pets=pets, preprocessing=meta.preprocessing,
+                                         version=trained.run_id)
         versions.append(trained.run_id)
     assert versions[0] != versions[1]
