@@ -65,9 +65,15 @@ def prepare_task_environment() -> str | None:
     and Keras 3 cannot load the model tf-keras saved. Then pins the task's GPUs (:func:`pin_task_gpus`),
     whose addresses it returns.
     """
+    _tensorflow_defaults()
+    return pin_task_gpus()
+
+
+def _tensorflow_defaults() -> None:
+    """tf-keras selected and TensorFlow's C++ log at errors, in this process and those it starts,
+    unless a user set either."""
     os.environ.setdefault(LEGACY_KERAS_ENV, "1")
     os.environ.setdefault(TF_LOG_LEVEL_ENV, "2")
-    return pin_task_gpus()
 
 
 def pin_task_gpus() -> str | None:
@@ -130,8 +136,7 @@ def prepare_process_environment(*, master: str | None) -> None:
     on other machines, where this interpreter's path means nothing: their Python is the cluster's to
     set (``spark.pyspark.python``). Values a user set are kept.
     """
-    os.environ.setdefault(LEGACY_KERAS_ENV, "1")
-    os.environ.setdefault(TF_LOG_LEVEL_ENV, "2")  # inherited by a local master's Python workers
+    _tensorflow_defaults()  # inherited by a local master's Python workers
     # petastorm's own tasks (materialize_dataset's, the readers') run in Python workers, where
     # petseg cannot call warnings.filterwarnings first; see ignore_petastorm_pyarrow_deprecations.
     os.environ.setdefault("PYTHONWARNINGS", ",".join(f"ignore::FutureWarning:{m}" for m in PETASTORM_WARNING_MODULES))

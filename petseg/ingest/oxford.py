@@ -51,8 +51,8 @@ def load_oxford(
     root
         URL of the folder that holds ``images/`` and ``annotations/``.
     partitions
-        Decode in this many tasks. binaryFile splits by bytes into many small tasks; merging them
-        (a narrow coalesce, no shuffle) saves the fixed cost of each Python task.
+        Decode in this many tasks: the images' paths are spread over them by a shuffle of paths
+        alone, so each task reads and decodes its own files.
     broadcast_bytes
         Broadcast the trimaps' stems and paths when they add up to at most this; otherwise join by key.
 
@@ -107,7 +107,7 @@ def load_oxford(
         "id string, split string, n_lists int",
     )
 
-    # The large side (images) stays in its listing partitions; trimaps (when small) and lists are broadcast to it.
+    # The large side (images) stays in its decode partitions; trimaps (when small) and lists are broadcast to it.
     if trimap_listing_bytes <= broadcast_bytes:
         paired = image_rows.join(F.broadcast(mask_rows), "id", "left")
     else:
