@@ -99,7 +99,10 @@ def pin_task_gpus() -> str | None:
     GpuPinError
         When this process was pinned to other GPUs by an earlier task.
     """
-    from pyspark import TaskContext
+    try:
+        from pyspark import TaskContext
+    except ImportError:  # no Spark, so no task: the MLflow model in a serving environment
+        return None
 
     global _pinned
     context = TaskContext.get()

@@ -1,5 +1,17 @@
-"""Stage 3: segment image tables with a trained model in a batched Spark UDF."""
+"""Stage 3: segment image tables with a trained model in a batched Spark UDF.
 
-from petseg.infer.job import InferReport, run_infer, segment_column
+The Spark job's names load on first use (PEP 562): the MLflow model
+(:mod:`petseg.infer.mlflow_model`) and :mod:`petseg.infer.segment` run where Spark is not installed.
+"""
+
+from typing import Any
 
 __all__ = ["InferReport", "run_infer", "segment_column"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from petseg.infer import job
+
+        return getattr(job, name)
+    raise AttributeError(f"module 'petseg.infer' has no attribute {name!r}")

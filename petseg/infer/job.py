@@ -6,7 +6,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Iterator, Tuple
+from typing import TYPE_CHECKING, Iterator, Tuple
 
 import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from pyspark import SparkConf
     from pyspark.sql.conf import RuntimeConfig
 
-    from petseg.infer.segment import EncodedSegmentation, ImageRow
+    from petseg.infer.segment import ImageRow
 
 log = logging.getLogger(__name__)
 
@@ -94,19 +94,6 @@ def _image_rows(data: pd.Series, heights: pd.Series, widths: pd.Series) -> list[
     ]
 
 
-def _output_frame(results: list["EncodedSegmentation"]) -> pd.DataFrame:
-    columns: dict[str, Any] = {
-        "mask_png": [r.mask_png for r in results],
-        "mask_model_png": [r.mask_model_png for r in results],
-        "height": pd.array([r.height for r in results], dtype="Int32"),
-        "width": pd.array([r.width for r in results], dtype="Int32"),
-    }
-    for k, name in enumerate(CLASSES):
-        columns[f"fraction_{name}"] = [None if r.fractions is None else r.fractions[k] for r in results]
-    columns["error"] = [r.error for r in results]
-    return pd.DataFrame(columns)
-
-
 def segment_udf(
     model_uri: str,
     *,
@@ -129,7 +116,7 @@ def segment_udf(
 
     @pandas_udf(SEGMENTATION_SCHEMA)  # type: ignore[call-overload]
     def segment(batches: Iterator[Tuple[pd.Series, pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
-        from petseg.infer.segment import segment_stream
+        from petseg.infer.segment import results_frame, segment_stream
 
         prepare_task_environment()  # before the load imports TensorFlow
         loaded = artifact.load(model_uri, threads=threads, version=model_version)
@@ -137,7 +124,7 @@ def segment_udf(
         for results in segment_stream(loaded, rows, batch_size=batch_size, read_files=read_files,
                                       model_resolution=model_resolution, max_pixels=max_image_pixels,
                                       threads=threads or 1):
-            yield _output_frame(results)
+            yield results_frame(results)
 
     return segment
 

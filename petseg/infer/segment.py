@@ -19,8 +19,9 @@ from typing import Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
+import pandas as pd
 
-from petseg.data.decode import DEFAULT_MAX_IMAGE_PIXELS, decode_for_model, resize_mask
+from petseg.data.decode import CLASSES, DEFAULT_MAX_IMAGE_PIXELS, decode_for_model, resize_mask
 from petseg.errors import RejectedInput
 from petseg.io.fs import read_file
 from petseg.model.artifact import LoadedModel
@@ -70,6 +71,21 @@ class ImageRow:
 
     data: bytes | str | None
     size: tuple[int, int] | None = None
+
+
+def results_frame(results: Sequence[EncodedSegmentation]) -> pd.DataFrame:
+    """Rows of the inference output as pandas: ``mask_png``, ``mask_model_png``, ``height``, ``width``,
+    ``fraction_<class>`` and ``error``, the inference UDF's and the MLflow model's output."""
+    columns: dict[str, object] = {
+        "mask_png": [r.mask_png for r in results],
+        "mask_model_png": [r.mask_model_png for r in results],
+        "height": pd.array([r.height for r in results], dtype="Int32"),
+        "width": pd.array([r.width for r in results], dtype="Int32"),
+    }
+    for k, name in enumerate(CLASSES):
+        columns[f"fraction_{name}"] = [None if r.fractions is None else r.fractions[k] for r in results]
+    columns["error"] = [r.error for r in results]
+    return pd.DataFrame(columns)
 
 
 def encode_mask(mask: np.ndarray, *, what: str = "mask") -> bytes:

@@ -16,13 +16,15 @@ import logging
 import re
 import uuid
 from fnmatch import fnmatchcase
-from typing import Any, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession
 
 from petseg.errors import RejectedInput
 from petseg.io import urls
+
+if TYPE_CHECKING:  # read_file runs where Spark is not installed: in the MLflow model's own environment
+    from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 
