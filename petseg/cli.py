@@ -140,7 +140,8 @@ def _run_stages(spark: "SparkSession", job: str, cfg: config.Config, current: _C
         from petseg.evaluate import run_evaluate
 
         current.stage = "evaluate"
-        print(run_evaluate(spark, evaluate=cfg.evaluate, max_image_pixels=cfg.data.max_image_pixels).format(), flush=True)
+        print(run_evaluate(spark, evaluate=cfg.evaluate, tracking=cfg.mlflow, max_image_pixels=cfg.data.max_image_pixels)
+              .format(), flush=True)
 
 
 def run() -> None:

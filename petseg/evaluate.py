@@ -12,7 +12,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -20,7 +20,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, StringType, StructField, StructType
 
-from petseg.config import EvaluateConfig
+from petseg.config import EvaluateConfig, MlflowConfig
 from petseg.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from petseg.data.schema import SPLIT
 from petseg.env import prepare_task_environment
@@ -29,6 +29,9 @@ from petseg.infer.job import check_gpu_task_slots
 from petseg.io.fs import storage_for
 from petseg.model import artifact
 from petseg.session import task_cpus
+
+if TYPE_CHECKING:
+    from petseg.model.registry import MlflowModel
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +105,7 @@ def _confusion_columns(n_classes: int) -> list[str]:
 
 
 def _confusion_per_partition(
-    model_uri: str, *, version: str, batch_size: int, n_classes: int, threads: int, max_image_pixels: int
+    model: "str | MlflowModel", *, version: str, batch_size: int, n_classes: int, threads: int, max_image_pixels: int
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     """Per task: one row (reason null) with the images measured and their confusion matrix, and one
     row per reason with the rows that could not be used."""
@@ -111,7 +114,7 @@ def _confusion_per_partition(
         from petseg.data.decode import decode_for_model, decode_label_mask, resize_mask
 
         prepare_task_environment()  # before the load imports TensorFlow
-        loaded = artifact.load(model_uri, threads=threads, version=version)
+        loaded = artifact.load(model, threads=threads, version=version)
         total, images, failed = np.zeros((n_classes, n_classes), np.int64), 0, Counter()
         for batch in batches:
             pixels, masks = [], []
@@ -139,7 +142,11 @@ def _confusion_per_partition(
 
 
 def run_evaluate(
-    spark: SparkSession, *, evaluate: EvaluateConfig, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    spark: SparkSession,
+    *,
+    evaluate: EvaluateConfig,
+    tracking: MlflowConfig | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> EvaluationReport:
     """Measure ``evaluate.model`` on the ``evaluate.split`` of an ingested dataset.
 
@@ -147,7 +154,8 @@ def run_evaluate(
     executor, then one on the driver). The report is written to ``<output>/metrics.json`` with, if
     ``evaluate.preview_images`` > 0, a predictions grid in ``<output>/predictions.png``. Rows that
     cannot be used (an image or mask over ``max_image_pixels``, undecodable bytes) are counted per
-    reason in ``failed`` and left out of the metrics.
+    reason in ``failed`` and left out of the metrics. ``evaluate.model`` may name an MLflow model
+    (``models:/...``, ``runs:/...``) on the servers ``tracking`` names; the report gives the exact one.
 
     Raises
     ------
@@ -156,7 +164,8 @@ def run_evaluate(
         no row of the split could be used.
     """
     start = time.perf_counter()
-    model = artifact.resolve(str(evaluate.model))
+    model = artifact.resolve(str(evaluate.model), tracking_uri=tracking.tracking_uri if tracking else None,
+                             registry_uri=tracking.registry_uri if tracking else None)
     check_gpu_task_slots(spark.conf)  # each task's model on its own GPU, as in inference
     classes = model.classes
     dataset, split = str(evaluate.dataset), evaluate.split
@@ -172,7 +181,7 @@ def run_evaluate(
     schema = StructType([StructField("reason", StringType(), True)]
                         + [StructField(name, LongType(), False) for name in ["images", *columns]])
     per_partition = rows.mapInPandas(
-        _confusion_per_partition(str(evaluate.model), version=model.version, batch_size=evaluate.batch_size,
+        _confusion_per_partition(model.source, version=model.version, batch_size=evaluate.batch_size,
                                  n_classes=len(classes), threads=threads, max_image_pixels=max_image_pixels),
         schema,
     )
@@ -189,7 +198,7 @@ def run_evaluate(
         raise InputError(f"the {split} split of {dataset} has no rows; re-run ingest or choose another evaluate.split")
     confusion = np.array([int(sums[None][c]) for c in columns], np.int64).reshape(len(classes), len(classes))
     report = EvaluationReport(
-        model_uri=str(evaluate.model),
+        model_uri=model.uri,
         model_version=model.version,
         dataset=dataset,
         split=split,
@@ -200,7 +209,7 @@ def run_evaluate(
         seconds=round(time.perf_counter() - start, 2),
         failed=failed,
     )
-    preview = _preview(rows, evaluate, version=model.version, max_image_pixels=max_image_pixels) \
+    preview = _preview(rows, evaluate, model=model, max_image_pixels=max_image_pixels) \
         if evaluate.preview_images else None
     with storage.atomic_output(str(evaluate.output)) as tmp:
         storage.write_bytes(f"{tmp}/{METRICS_FILE}", report.to_json().encode())
@@ -210,13 +219,15 @@ def run_evaluate(
     return report
 
 
-def _preview(rows: DataFrame, evaluate: EvaluateConfig, *, version: str, max_image_pixels: int) -> bytes | None:
+def _preview(
+    rows: DataFrame, evaluate: EvaluateConfig, *, model: artifact.ModelArtifact, max_image_pixels: int
+) -> bytes | None:
     """The predictions grid for the usable rows among the first ``preview_images``, predicted on the
     driver (None when none is usable)."""
     from petseg.data.decode import decode_for_model, decode_label_mask
     from petseg.plots import predictions_png
 
-    loaded = artifact.load(str(evaluate.model), version=version)
+    loaded = artifact.load(model.source, version=model.version)
     sample, images, masks = [], [], []
     for r in rows.orderBy("id").limit(evaluate.preview_images).collect():
         try:

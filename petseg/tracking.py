@@ -65,6 +65,8 @@ def tracked_run(
 
     if cfg.tracking_uri:
         mlflow.set_tracking_uri(cfg.tracking_uri)
+    if cfg.registry_uri:
+        mlflow.set_registry_uri(cfg.registry_uri)
     if cfg.experiment:
         mlflow.set_experiment(cfg.experiment)
     with mlflow.start_run(run_name=name, tags=dict(tags or {})) as run:

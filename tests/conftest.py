@@ -27,6 +27,9 @@ def spark(tmp_path_factory):
         .config("spark.ui.enabled", "false")
         .config("spark.sql.warehouse.dir", str(warehouse))
         .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={warehouse}")
+        # The tests' MLflow stores are local folders, which MLflow 3 opens only behind this switch:
+        # the UDFs' workers fetch registered models from them.
+        .config("spark.executorEnv.MLFLOW_ALLOW_FILE_STORE", "true")
         .getOrCreate()
     )
     session.sparkContext.setLogLevel("ERROR")

@@ -91,6 +91,12 @@ def test_inference_code_on_an_executor_pulls_in_neither_training_nor_petastorm_n
     assert not {m for m in loaded if m.startswith(("petseg.train", "petastorm", "mlflow"))}
 
 
+def test_the_mlflow_model_imports_where_there_is_no_spark():
+    # Model Serving and plain Python environments load the pyfunc training logs: no pyspark there.
+    loaded = _loaded_after_import('sys.modules["pyspark"] = None; import petseg.infer.mlflow_model')
+    assert "petseg.infer.mlflow_model" in loaded and not {m for m in loaded if m.startswith("petseg.train")}
+
+
 def test_training_reads_its_arrays_without_petastorm():
     loaded = _loaded_after_import("import petseg.data.reader, petseg.train.feed")
     assert not {m for m in loaded if m.startswith("petastorm")}

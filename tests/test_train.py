@@ -369,8 +369,10 @@ def test_mlflow_tracks_training_and_the_inference_that_uses_it(spark, tiny_datas
     history = client.get_metric_history(run.info.run_id, "val_pixel_accuracy")
     assert [m.step for m in history] == [1, 2]  # per epoch
     assert history[-1].value == pytest.approx(result.final_metrics["val_pixel_accuracy"])
-    assert {"model", "petseg-model.json", "history.json", "curves.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "model/saved_model.pb" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert {"petseg-model.json", "history.json", "curves.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    # The model is an MLflow model of the run (tests/test_registry.py uses it by name).
+    assert result.mlflow_model == f"runs:/{run.info.run_id}/model" and result.registered_model is None
+    assert [m.name for m in client.search_logged_models([run.info.experiment_id])] == ["model"]
     # The inference job records which model version it used.
     infer_cfg = config.load(overrides=[f"infer.model={tmp_path / 'run'}", f"infer.input={tiny_dataset}", "infer.limit=4",
                                        f"infer.output={tmp_path / 'masks'}", *tracking], job="infer")

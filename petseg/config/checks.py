@@ -12,7 +12,15 @@ from typing import Any
 from petseg import env
 from petseg.config.sections import RECIPE_IMAGE_SIZE, Config, InferMode, InputFormat, Source
 from petseg.errors import ConfigError
-from petseg.io.urls import is_local, is_plain_path, is_table_name, normalize_url, on_shared_mount, petastorm_url
+from petseg.io.urls import (
+    is_local,
+    is_mlflow_uri,
+    is_plain_path,
+    is_table_name,
+    normalize_url,
+    on_shared_mount,
+    petastorm_url,
+)
 
 #: Which config sections each job reads, so that e.g. ``petseg train`` needs no ingest input.
 JOB_SECTIONS = {
@@ -52,14 +60,29 @@ def validate(cfg: Config, *, job: str = "ingest") -> None:
     if "evaluate" in sections:
         _validate_evaluate(cfg)
     if cfg.mlflow.enabled and {"train", "infer"} & set(sections):
-        import importlib.util
+        _require(_has_mlflow(), "mlflow.enabled", True,
+                 "false, or install MLflow first (pip install 'petseg[mlflow]'; Databricks runtimes have it)")
+    if "train" in sections and cfg.mlflow.registered_model_name is not None:
+        _require(bool(cfg.mlflow.registered_model_name.strip()), "mlflow.registered_model_name",
+                 cfg.mlflow.registered_model_name, "a registered model name (catalog.schema.model in Unity Catalog), or null")
+        _require(cfg.mlflow.enabled, "mlflow.registered_model_name", cfg.mlflow.registered_model_name,
+                 "null, or set mlflow.enabled=true as well: the model is registered from its training run")
 
-        _require(
-            importlib.util.find_spec("mlflow") is not None,
-            "mlflow.enabled",
-            True,
-            "false, or install MLflow first (pip install 'petseg[mlflow]'; Databricks runtimes have it)",
-        )
+
+def _has_mlflow() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mlflow") is not None
+
+
+def _model_location(cfg: Config, value: str, *, key: str) -> str:
+    """A model's path as a URL (:func:`_location`), or an MLflow URI as given; MLflow must be installed
+    for those, which are checked against the servers when the job starts."""
+    if not is_mlflow_uri(value):
+        return _location(cfg, value, key=key)
+    _require(_has_mlflow(), key, value,
+             "a run folder, or install MLflow to read models:/ and runs:/ URIs (pip install 'petseg[mlflow]')")
+    return value
 
 
 #: The jobs that run over Spark Connect. Ingest writes with Petastorm (pyarrow < 15, a JVM gateway)
@@ -186,9 +209,14 @@ def _validate_train(cfg: Config) -> None:
     )
 
 
+#: What infer.model and evaluate.model take.
+_MODEL_VALUES = ("a training run's train.output_dir (or its model/ folder), or an MLflow model: models:/<name>/<version>, "
+                 "models:/<name>@<alias>, runs:/<run id>/model")
+
+
 def _validate_infer(cfg: Config) -> None:
     i = cfg.infer
-    _require(bool(i.model), "infer.model", i.model, "a training run's train.output_dir (or its model/ folder)")
+    _require(bool(i.model), "infer.model", i.model, _MODEL_VALUES)
     _require(
         bool(i.input), "infer.input", i.input, "a Petastorm or Parquet dataset URL, a catalog table, or a folder/glob of images"
     )
@@ -205,7 +233,7 @@ def _validate_infer(cfg: Config) -> None:
              "an integer >= 1 (bytes of encoded images per UDF batch)")
     _require(i.limit is None or i.limit >= 1, "infer.limit", i.limit, "null or an integer >= 1")
     _require(i.partitions is None or i.partitions >= 1, "infer.partitions", i.partitions, "null or an integer >= 1")
-    i.model = _location(cfg, str(i.model), key="infer.model")
+    i.model = _model_location(cfg, str(i.model), key="infer.model")
     if i.input_format is InputFormat.table or (i.input_format is InputFormat.auto and is_table_name(str(i.input))):
         i.input_format = InputFormat.table
     else:
@@ -234,13 +262,13 @@ def _validate_infer(cfg: Config) -> None:
 
 def _validate_evaluate(cfg: Config) -> None:
     e = cfg.evaluate
-    _require(bool(e.model), "evaluate.model", e.model, "a training run's train.output_dir (or its model/ folder)")
+    _require(bool(e.model), "evaluate.model", e.model, _MODEL_VALUES)
     _require(bool(e.dataset), "evaluate.dataset", e.dataset, "the URL of a dataset written by `petseg ingest`")
     _require(bool(e.output), "evaluate.output", e.output, "a folder URL or path for metrics.json and predictions.png")
     _require(e.split in ("train", "test"), "evaluate.split", e.split, "train or test")
     _require(e.batch_size >= 1, "evaluate.batch_size", e.batch_size, "an integer >= 1")
     _require(e.preview_images >= 0, "evaluate.preview_images", e.preview_images, "an integer >= 0 (0: no PNG grid)")
-    e.model = _location(cfg, str(e.model), key="evaluate.model")
+    e.model = _model_location(cfg, str(e.model), key="evaluate.model")
     e.dataset = _location(cfg, str(e.dataset), key="evaluate.dataset")
     e.output = _location(cfg, str(e.output), key="evaluate.output")
 

@@ -159,7 +159,9 @@ class EvaluateConfig:
 class MlflowConfig:
     enabled: bool = MISSING
     tracking_uri: Optional[str] = MISSING
+    registry_uri: Optional[str] = MISSING
     experiment: Optional[str] = MISSING
+    registered_model_name: Optional[str] = MISSING
 
 
 @dataclass

@@ -20,7 +20,7 @@ from petseg.env import prepare_task_environment
 from petseg.errors import InputError
 from petseg.infer.streaming import check_output, error_reason, observe_counts, run_query
 from petseg.io.fs import storage_for
-from petseg.io.urls import is_table_name
+from petseg.io.urls import is_mlflow_uri, is_table_name
 from petseg.model import artifact
 from petseg.session import session_confs, task_cpus
 from petseg.tracking import flatten, tracked_run
@@ -28,6 +28,8 @@ from petseg.tracking import flatten, tracked_run
 if TYPE_CHECKING:
     from pyspark import SparkConf
     from pyspark.sql.conf import RuntimeConfig
+
+    from petseg.model.registry import MlflowModel
 
     from petseg.infer.segment import ImageRow
 
@@ -95,7 +97,7 @@ def _image_rows(data: pd.Series, heights: pd.Series, widths: pd.Series) -> list[
 
 
 def segment_udf(
-    model_uri: str,
+    model: "str | MlflowModel",
     *,
     batch_size: int = 32,
     model_resolution: bool = False,
@@ -106,7 +108,8 @@ def segment_udf(
 ):
     """A pandas UDF (Iterator of (data, height, width) Series -> Iterator of DataFrame) that segments images.
 
-    The model loads once per Python worker (:func:`petseg.model.artifact.load`), on the GPUs Spark
+    ``model`` is a run folder or an MLflow model pinned on the driver (:func:`petseg.model.registry.pin`),
+    which each node fetches once. The model loads once per Python worker (:func:`petseg.model.artifact.load`), on the GPUs Spark
     assigned to the worker's first task, if any (:func:`petseg.env.pin_task_gpus`); each Arrow batch
     (``spark.sql.execution.arrow.maxRecordsPerBatch`` rows) is predicted ``batch_size`` images at a
     time. ``data`` holds encoded images, or file URLs when ``read_files``; ``height``/``width``
@@ -119,7 +122,7 @@ def segment_udf(
         from petseg.infer.segment import results_frame, segment_stream
 
         prepare_task_environment()  # before the load imports TensorFlow
-        loaded = artifact.load(model_uri, threads=threads, version=model_version)
+        loaded = artifact.load(model, threads=threads, version=model_version)
         rows = (_image_rows(*batch) for batch in batches)
         for results in segment_stream(loaded, rows, batch_size=batch_size, read_files=read_files,
                                       model_resolution=model_resolution, max_pixels=max_image_pixels,
@@ -131,7 +134,7 @@ def segment_udf(
 
 def segment_column(
     column: Column | str,
-    model_uri: str,
+    model_uri: "str | MlflowModel",
     *,
     batch_size: int = 32,
     model_resolution: bool = False,
@@ -149,7 +152,10 @@ def segment_column(
     column
         Encoded image bytes (JPEG, PNG, ... or petseg's raw arrays), or file URLs with ``read_files``.
     model_uri
-        A training run's output folder (or its ``model/``) that every executor can open.
+        A training run's output folder (or its ``model/``) that every executor can open, or an MLflow
+        model: ``models:/name/version``, ``models:/name@alias`` or ``runs:/id/model``, pinned here to one
+        version (an alias that moves while the query runs does not mix models) and fetched by each
+        node from MLflow's default servers, unless pinned before with :func:`petseg.model.registry.pin`.
     height, width
         Columns with the size to return masks at; by default the decoded image's own size.
     model_version
@@ -159,6 +165,10 @@ def segment_column(
         Images larger than this (width x height) get an ``image_too_large`` error instead of a mask.
     """
     no_size = F.lit(None).cast("int")
+    if isinstance(model_uri, str) and is_mlflow_uri(model_uri):
+        from petseg.model.registry import pin
+
+        model_uri = pin(model_uri)
     udf = segment_udf(
         model_uri, batch_size=batch_size, model_resolution=model_resolution, read_files=read_files, threads=threads,
         model_version=model_version, max_image_pixels=max_image_pixels,
@@ -175,6 +185,7 @@ class InferReport:
     input: str
     input_format: str
     output: str
+    #: The exact model, as every row names it: a path, or ``models:/pets/3`` for ``models:/pets@champion``.
     model_uri: str
     model_version: str
     mode: str = "batch"
@@ -183,6 +194,8 @@ class InferReport:
     seconds: float = 0.0
     preview: str | None = None
     arrow_batch_rows: int | None = None
+    #: infer.model as given, where it differs from model_uri (an alias).
+    model_requested: str | None = None
 
     @property
     def rows(self) -> int:
@@ -197,7 +210,8 @@ class InferReport:
         ]
         lines += [f"  failed {reason:<28} {n:>8}" for reason, n in sorted(self.failed.items())]
         lines.append(f"  input:  {self.input} ({self.input_format})")
-        lines.append(f"  model:  {self.model_uri} (version {self.model_version})")
+        asked = f" for {self.model_requested}" if self.model_requested else ""
+        lines.append(f"  model:  {self.model_uri}{asked} (version {self.model_version})")
         lines.append(f"  output: {self.output}")
         if self.preview:
             lines.append(f"  preview: {self.preview}")
@@ -214,18 +228,21 @@ def run_infer(
     """Segment every row of ``infer.input`` and write the masks to ``infer.output``.
 
     The output holds the input's key, ``mask_png`` at the original resolution, ``mask_model_png``
-    (with ``infer.model_resolution``), ``height``, ``width``, ``fraction_<class>``, ``model_uri``,
-    ``model_version`` and ``error``. A path is written as Parquet, atomically; a table name with
+    (with ``infer.model_resolution``), ``height``, ``width``, ``fraction_<class>``, ``model_uri`` (the
+    exact model: an MLflow alias is written as the version it named), ``model_version`` (the training
+    run's id) and ``error``. A path is written as Parquet, atomically; a table name with
     ``saveAsTable``, overwriting. Bad rows are kept with an error; the counts come back.
 
-    With ``tracking`` enabled, an MLflow run records the model version used, the input, the
-    output and the counts. Images over ``max_image_pixels`` (``data.max_image_pixels``) become
-    ``image_too_large`` error rows.
+    ``infer.model`` may name an MLflow model (``models:/...``, ``runs:/...``), found on the servers
+    ``tracking`` names (enabled or not). With ``tracking`` enabled, an MLflow run records the model
+    version used, the input, the output and the counts. Images over ``max_image_pixels``
+    (``data.max_image_pixels``) become ``image_too_large`` error rows.
 
     Raises
     ------
     InputError
-        At once, before any Spark job, when the model is missing or not a petseg model, the input
+        At once, before any Spark job, when the model is missing or not a petseg model (an MLflow
+        name, version, alias or run that does not exist among them), the input
         is missing or lacks the image or key column, or the GPU confs would share GPUs between tasks
         (:func:`check_gpu_task_slots`).
     NothingSegmentedError
@@ -233,14 +250,15 @@ def run_infer(
         has no rows, or every row failed.
     """
     start = time.perf_counter()
-    model = artifact.resolve(str(infer.model))  # fail before touching the input
+    model = artifact.resolve(str(infer.model), tracking_uri=tracking.tracking_uri if tracking else None,
+                             registry_uri=tracking.registry_uri if tracking else None)  # fail before the input
     check_gpu_task_slots(spark.conf)
     version = model.version
-    params = {**flatten({"infer": to_dict(infer)}), "model_version": version,
+    params = {**flatten({"infer": to_dict(infer)}), "model_uri": model.uri, "model_version": version,
               "model_mlflow_run_id": model.mlflow_run_id}
     with tracked_run(tracking, name="petseg-infer", params=params,
                      tags={"petseg.job": "infer", "petseg.model_version": version}) as tracked:
-        report = _segment_and_write(spark, infer=infer, version=version, start=start, max_image_pixels=max_image_pixels)
+        report = _segment_and_write(spark, infer=infer, model=model, start=start, max_image_pixels=max_image_pixels)
         if tracked is not None:
             tracked.log_metrics({"rows": report.rows, "segmented": report.segmented,
                                  "failed": sum(report.failed.values()), "rows_per_s": report.rows / report.seconds})
@@ -248,7 +266,7 @@ def run_infer(
 
 
 def _segment_and_write(
-    spark: SparkSession, *, infer: InferConfig, version: str, start: float, max_image_pixels: int
+    spark: SparkSession, *, infer: InferConfig, model: artifact.ModelArtifact, start: float, max_image_pixels: int
 ) -> InferReport:
     from petseg.infer.inputs import load_image_stream, load_image_table
 
@@ -263,9 +281,10 @@ def _segment_and_write(
             "set infer.key_column to another column, or rename it"
         )
     threads = task_cpus(spark)
+    version = model.version
     segmentation = segment_column(
         "path" if table.reads_files else "image",
-        str(infer.model),
+        model.source,
         batch_size=infer.batch_size,
         model_resolution=infer.model_resolution,
         height="height" if table.has_sizes else None,
@@ -278,7 +297,7 @@ def _segment_and_write(
     out = table.frame.select(F.col(table.key), segmentation.alias("s")).select(
         table.key,
         *[f"s.{f.name}" for f in SEGMENTATION_SCHEMA.fields if f.name != "error"],
-        F.lit(str(infer.model)).alias("model_uri"),
+        F.lit(model.uri).alias("model_uri"),
         F.lit(version).alias("model_version"),
         "s.error",
     )
@@ -296,8 +315,9 @@ def _segment_and_write(
         input=str(infer.input),
         input_format=table.format.value,
         output=str(infer.output),
-        model_uri=str(infer.model),
+        model_uri=model.uri,
         model_version=version,
+        model_requested=None if str(infer.model) == model.uri else str(infer.model),
         mode=infer.mode.value,
         segmented=segmented,
         failed=failed,

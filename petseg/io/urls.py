@@ -68,6 +68,15 @@ def is_table_name(value: str) -> bool:
     return "/" not in value and bool(_TABLE_NAME.match(value))
 
 
+#: The URI schemes of models in MLflow, read through MLflow rather than as files.
+MLFLOW_SCHEMES = ("models:/", "runs:/")
+
+
+def is_mlflow_uri(value: str) -> bool:
+    """Whether ``value`` names a model in MLflow (``models:/...``, ``runs:/...``) rather than a folder."""
+    return str(value).startswith(MLFLOW_SCHEMES)
+
+
 def split_url(url: str) -> Url:
     """The literal parts of a URL; a plain path is a ``file`` URL.
 

@@ -4,7 +4,9 @@ A run folder holds ``model/`` (a tf-keras SavedModel that returns logits) and ``
 which says how to prepare pixels for it (image size, preprocessing), what its labels mean, and which
 run it is. Training's chief writes it (:func:`write_metadata`); inference, evaluation and the
 training preview resolve and load it (:func:`resolve`, :func:`load`). Nothing outside this module
-knows the file's name or its fields.
+knows the file's name or its fields. A model can also be named by an MLflow URI
+(``models:/name@alias``, ``runs:/id/model``): :mod:`petseg.model.registry` pins and fetches it, and
+the run folder inside it is opened as any other.
 
 TensorFlow is imported only by :func:`load`: resolving a model on the driver stays light.
 """
@@ -27,6 +29,8 @@ from petseg import env
 from petseg.data.decode import CLASSES
 from petseg.errors import InputError
 from petseg.io import urls
+from petseg.model import registry
+from petseg.model.registry import MlflowModel
 
 METADATA_FILE = "petseg-model.json"
 FORMAT = "petseg-model/1"
@@ -40,10 +44,13 @@ _VERSIONED = ("petseg", "tensorflow", "tf_keras", "petastorm", "pyspark", "numpy
 class ModelArtifact:
     """A resolved run: where its model is, and the metadata that says how to use it."""
 
+    #: The exact model: the folder as given, or the pinned MLflow URI (``models:/pets/3`` for ``@champion``).
     uri: str
     run_dir: Path
     model_dir: Path
     metadata: Mapping[str, Any]
+    #: What tasks pass to :func:`load`: the path, or the pinned :class:`MlflowModel`.
+    source: "str | MlflowModel" = ""
 
     @property
     def image_size(self) -> int:
@@ -127,33 +134,64 @@ def _version(package: str) -> str | None:
         return None
 
 
-def resolve(uri: str) -> ModelArtifact:
-    """The run a URI names: its output folder, or the ``model/`` folder in it.
+def resolve(
+    source: "str | MlflowModel", *, tracking_uri: str | None = None, registry_uri: str | None = None
+) -> ModelArtifact:
+    """The run a source names: its output folder or the ``model/`` folder in it, or an MLflow model.
+
+    Parameters
+    ----------
+    source
+        A local path or ``file://`` URL; an MLflow URI (``models:/name/version``, ``models:/name@alias``,
+        ``runs:/id/model``), which is pinned here (:func:`petseg.model.registry.pin`); or an
+        :class:`MlflowModel` pinned before, which is fetched once per node.
+    tracking_uri, registry_uri
+        The MLflow servers for an MLflow URI; None: MLflow's defaults.
 
     Raises
     ------
     InputError
-        When the path is not local, does not exist, or holds no petseg metadata.
+        When the path is not local, does not exist, or holds no petseg metadata; when an MLflow URI
+        names no model, or a model petseg did not log.
     """
+    if isinstance(source, str) and urls.is_mlflow_uri(source):
+        source = registry.pin(source, tracking_uri=tracking_uri, registry_uri=registry_uri)
+    if isinstance(source, MlflowModel):
+        run_dir = registry.run_folder(registry.fetch(source), uri=source.uri)
+        found = _open_run(run_dir, uri=source.uri)
+        if found is None:
+            raise InputError(f"{source.uri} holds no {METADATA_FILE} where its MLmodel says; re-log it with `petseg train`")
+        return ModelArtifact(uri=source.uri, run_dir=found.run_dir, model_dir=found.model_dir,
+                             metadata=found.metadata, source=source)
+    uri = str(source)
     if not urls.is_local(uri):
         raise InputError(
             f"model {uri!r} is not a local path; TensorFlow loads models from files, so put the run on "
-            "storage every executor mounts (NFS, /dbfs/..., /Volumes/...) and pass that path"
+            "storage every executor mounts (NFS, /dbfs/..., /Volumes/...) and pass that path, or name it in "
+            "MLflow (models:/<name>/<version>, models:/<name>@<alias>, runs:/<run id>/model)"
         )
     path = urls.local_path(uri)
     for run_dir in (path, path.parent):
-        meta_file = run_dir / METADATA_FILE
-        if meta_file.is_file():
-            metadata = json.loads(meta_file.read_text())
-            model_dir = run_dir / metadata.get("model_path", MODEL_FOLDER)
-            if not model_dir.exists():
-                raise InputError(f"{meta_file} names the model folder {model_dir}, which does not exist; re-run training")
-            return ModelArtifact(uri=uri, run_dir=run_dir, model_dir=model_dir, metadata=metadata)
+        found = _open_run(run_dir, uri=uri)
+        if found is not None:
+            return found
     if not path.exists():
         raise InputError(f"model {uri!r} does not exist; pass a training run's train.output_dir")
     raise InputError(
         f"{uri!r} is not a petseg model: no {METADATA_FILE} in it or its parent; pass a training run's train.output_dir"
     )
+
+
+def _open_run(run_dir: Path, *, uri: str) -> ModelArtifact | None:
+    """The run in ``run_dir``, None when the folder holds no metadata."""
+    meta_file = run_dir / METADATA_FILE
+    if not meta_file.is_file():
+        return None
+    metadata = json.loads(meta_file.read_text())
+    model_dir = run_dir / metadata.get("model_path", MODEL_FOLDER)
+    if not model_dir.exists():
+        raise InputError(f"{meta_file} names the model folder {model_dir}, which does not exist; re-run training")
+    return ModelArtifact(uri=uri, run_dir=run_dir, model_dir=model_dir, metadata=metadata, source=uri)
 
 
 @dataclass(frozen=True)
@@ -184,17 +222,19 @@ class LoadedModel:
         return np.concatenate(out) if out else np.zeros((0, self.image_size, self.image_size), np.uint8)
 
 
-#: (uri, version) -> the loaded model. Keyed by version, not only by URI: a notebook's Python workers
+#: (exact uri, version) -> the loaded model. Keyed by version, not only by URI: a notebook's Python workers
 #: live for hours, and a run retrained into the same folder must be loaded anew, never served as the old.
 _CACHE: dict[tuple[str, str], LoadedModel] = {}
 _LOCK = threading.Lock()
 
 
-def load(uri: str, *, threads: int | None = None, version: str | None = None) -> LoadedModel:
+def load(source: "str | MlflowModel", *, threads: int | None = None, version: str | None = None) -> LoadedModel:
     """Load a run's model once per process and version (Spark reuses Python workers: once per worker).
 
     Parameters
     ----------
+    source
+        What :attr:`ModelArtifact.source` holds: a run folder, or an MLflow model the driver pinned.
     threads
         Caps TensorFlow's thread pools, so that each Spark task's TensorFlow uses the cores the task
         was given (``spark.task.cpus``) instead of every core on the node.
@@ -207,7 +247,8 @@ def load(uri: str, *, threads: int | None = None, version: str | None = None) ->
         When the folder now holds another version than ``version``: the run was replaced while a job
         used it, and its rows would carry the wrong label.
     """
-    artifact = resolve(uri)  # a small JSON read: cheap beside a task, and it sees a retrained run
+    artifact = resolve(source)  # a small JSON read: cheap beside a task, and it sees a retrained run
+    uri = artifact.uri
     if version is not None and artifact.version != version:
         raise InputError(
             f"model {uri!r} is now version {artifact.version}, not {version} as when the job started: it was "

@@ -45,14 +45,21 @@ class TrainResult:
     progress: list[dict[str, Any]] = field(default_factory=list)
     run_id: str = ""
     note: str = ""  # how the run began: new, resumed, or after discarding another's unfinished work
+    #: With MLflow on: the logged model (runs:/<run id>/model) and, if registered, models:/<name>/<version>.
+    mlflow_model: str | None = None
+    registered_model: str | None = None
 
     def format(self) -> str:
         m = self.final_metrics
         keys = ["val_pixel_accuracy", "val_mean_iou", "val_iou_pet", "val_iou_background", "val_iou_border"]
         shown = ", ".join(f"{k} {m[k]:.4f}" for k in keys if k in m)
-        return (f"train: {len(self.history)} epochs on {self.workers} worker(s); final {shown}\n"
-                f"  run: {self.note}\n  model: {self.model_dir} (version {self.run_id})\n"
-                f"  outputs: {', '.join(self.outputs.values())}")
+        lines = [f"train: {len(self.history)} epochs on {self.workers} worker(s); final {shown}",
+                 f"  run: {self.note}", f"  model: {self.model_dir} (version {self.run_id})"]
+        if self.mlflow_model:
+            registered = f", registered as {self.registered_model}" if self.registered_model else ""
+            lines.append(f"  mlflow: {self.mlflow_model}{registered}")
+        lines.append(f"  outputs: {', '.join(self.outputs.values())}")
+        return "\n".join(lines)
 
 
 def check_gpu_confs(spark: SparkSession) -> None:
@@ -213,14 +220,19 @@ def run_train(spark: SparkSession, *, cfg: Config) -> TrainResult:
         rundir.publish(storage_for(spark), run)
         result = {**result, "model_dir": run.published(result["model_dir"]),
                   "outputs": {k: run.published(v) for k, v in result["outputs"].items()}}
+        logged = None
         if tracked is not None:
+            from petseg.infer.mlflow_model import log_model
+
             tracked.log_history(result["history"])
-            tracked.log_artifacts(result["model_dir"], artifact_path="model")
+            logged = log_model(urls.local_path(run.output_dir), run_id=tracked.run_id,
+                               registered_model_name=cfg.mlflow.registered_model_name)
             for path in result["outputs"].values():
                 tracked.log_artifacts(path)
     return TrainResult(workers=workers, history=result["history"], model_dir=result["model_dir"],
                        outputs=result["outputs"], final_metrics=result["final_metrics"], progress=list(records),
-                       run_id=run.run_id, note=run.note)
+                       run_id=run.run_id, note=run.note, mlflow_model=logged and logged.uri,
+                       registered_model=logged and logged.registered_uri)
 
 
 def _run_with_restarts(run: Callable[[], dict[str, Any]], *, restarts: int) -> dict[str, Any]:
