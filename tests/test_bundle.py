@@ -82,6 +82,10 @@ def test_the_serverless_job_runs_only_the_connect_jobs_in_a_python_311_environme
         assert any(dep.endswith(".whl") for dep in environments[task["environment_key"]]["dependencies"])
 
 
+#: What the serverless job segments with: the version of the trained model that carries the alias.
+REGISTERED_MODEL = "models:/{model_name}@{serving_alias}"
+
+
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("job,task", TASKS, ids=[t["task_key"] for _, t in TASKS])
 def test_every_task_runs_a_console_script_with_valid_keys(job, task, target):
@@ -99,10 +103,17 @@ def test_every_task_runs_a_console_script_with_valid_keys(job, task, target):
     # Paths are Unity Catalog volumes (local mounts on Databricks) and outputs can be catalog tables.
     if invocation.job == "infer":
         assert cfg.infer.output.count(".") == 2 and urls.is_table_name(cfg.infer.output)
-        assert cfg.infer.model.startswith("file:///Volumes/")
+        # The pipeline segments with the run it trained; the serverless job with the registered version.
+        assert cfg.infer.model.startswith("file:///Volumes/") or cfg.infer.model == REGISTERED_MODEL.format(**variables)
+    if invocation.job == "evaluate":
+        assert cfg.evaluate.model.startswith("file:///Volumes/") or cfg.evaluate.model == REGISTERED_MODEL.format(**variables)
     if invocation.job in ("ingest", "train"):
         assert cfg.data.dataset.startswith("file:///Volumes/")
     if invocation.job == "train":
         assert cfg.train.use_gpu and cfg.train.num_slots == int(variables["gpu_workers"])
+        # Unity Catalog's three-level name, in its registry: what the serverless job's models:/ URI names.
+        assert cfg.mlflow.registered_model_name == variables["model_name"] and variables["model_name"].count(".") == 2
+    if invocation.job == "train" or urls.is_mlflow_uri(cfg.infer.model or cfg.evaluate.model or ""):
+        assert cfg.mlflow.registry_uri == "databricks-uc"
     if invocation.job in ("train", "infer"):  # a job has no notebook experiment: name one
         assert cfg.mlflow.enabled and cfg.mlflow.experiment == variables["experiment"]
