@@ -29,10 +29,32 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+#: The tests' MLflow stores are local folders, which MLflow 3 opens only behind this switch; the
+#: server's Python workers fetch registered models from them.
+MLFLOW_FILE_STORE = {"MLFLOW_ALLOW_FILE_STORE": "true"}
+
+
 def _connect(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run a command of the Spark 4 environment, with none of this environment's Python variables."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK_", "SPARK_", "PYTHON"))}
-    return subprocess.run(args, cwd=ROOT, env=clean, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(args, cwd=ROOT, env={**clean, **MLFLOW_FILE_STORE}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def register(run: Path, *, store: str, name: str, alias: str) -> None:
+    """Log ``run`` as training does, as version 1 of ``name`` in the MLflow ``store``, and point ``alias`` at it."""
+    import mlflow
+
+    from petseg.infer.mlflow_model import log_model
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(store)
+    try:
+        with mlflow.start_run() as active:
+            log_model(run, run_id=active.info.run_id, registered_model_name=name)
+        mlflow.MlflowClient(tracking_uri=store).set_registered_model_alias(name, alias, "1")
+    finally:
+        mlflow.set_tracking_uri(before)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +94,8 @@ def test_the_spark_4_environment_has_no_petastorm_and_runs_pyspark_4():
     assert no_petastorm == "True" and no_distributor == "True"
 
 
-def test_infer_and_evaluate_through_spark_connect_equal_classic_mode(spark, exported_run, tmp_path, connect_url):
+def test_infer_and_evaluate_through_spark_connect_equal_classic_mode(spark, exported_run, tmp_path, connect_url,
+                                                                     monkeypatch):
     from petseg.evaluate import run_evaluate
     from petseg.infer.job import run_infer
     from petseg.ingest.convert import run_ingest
@@ -95,19 +118,32 @@ def test_infer_and_evaluate_through_spark_connect_equal_classic_mode(spark, expo
                          f"evaluate.output={tmp_path / 'connect-eval'}")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
 
+    # The same model by its registered alias, as the serverless job names it: pinned to version 1.
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = f"file://{tmp_path / 'mlruns'}"
+    register(exported_run, store=store, name="petseg-connect", alias="champion")
+    by_alias = _connect(petseg, "infer", f"spark.remote={connect_url}", *common[1:], "infer.model=models:/petseg-connect@champion",
+                        f"mlflow.tracking_uri={store}", f"infer.output={tmp_path / 'connect-alias'}")
+    assert by_alias.returncode == 0, by_alias.stderr[-3000:]
+    assert "model:  models:/petseg-connect/1 for models:/petseg-connect@champion" in by_alias.stdout
+
     def rows(folder):
         return {r["id"]: r for r in spark.read.parquet(str(tmp_path / folder)).collect()}
 
-    want, got = rows("classic"), rows("connect")
-    assert set(got) == set(want) and len(got) == 16
-    for key, row in want.items():
-        other = got[key]
-        assert other["error"] is None and other["model_version"] == row["model_version"]
-        assert (other["height"], other["width"]) == (row["height"], row["width"])
-        for column in ("mask_png", "mask_model_png"):
-            np.testing.assert_array_equal(decode.decode_label_mask(other[column]), decode.decode_label_mask(row[column]))
-        for name in decode.CLASSES:
-            assert other[f"fraction_{name}"] == pytest.approx(row[f"fraction_{name}"])
+    want = rows("classic")
+    for folder, model_uri in [("connect", str(exported_run)), ("connect-alias", "models:/petseg-connect/1")]:
+        got = rows(folder)
+        assert set(got) == set(want) and len(got) == 16
+        for key, row in want.items():
+            other = got[key]
+            assert other["error"] is None and other["model_version"] == row["model_version"]
+            assert other["model_uri"] == (row["model_uri"] if folder == "connect" else model_uri)
+            assert (other["height"], other["width"]) == (row["height"], row["width"])
+            for column in ("mask_png", "mask_model_png"):
+                np.testing.assert_array_equal(decode.decode_label_mask(other[column]),
+                                              decode.decode_label_mask(row[column]))
+            for name in decode.CLASSES:
+                assert other[f"fraction_{name}"] == pytest.approx(row[f"fraction_{name}"])
     metrics = json.loads((tmp_path / "connect-eval" / "metrics.json").read_text())
     assert metrics["images"] == classic_eval.images
     assert metrics["metrics"]["confusion"] == classic_eval.metrics.confusion

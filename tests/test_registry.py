@@ -185,3 +185,18 @@ def test_the_mlflow_model_segments_photos_where_there_is_no_spark(trained, track
         mask = cv2.imdecode(np.frombuffer(out["mask_png"].iloc[i], np.uint8), cv2.IMREAD_UNCHANGED)
         np.testing.assert_array_equal(mask, decode.resize_mask(expected[i], pet.image.shape[:2]))
         assert (out["height"].iloc[i], out["width"].iloc[i]) == pet.image.shape[:2]
+
+
+def test_resolving_on_the_driver_leaves_the_process_mlflow_servers_as_they_were(trained, tracking, tmp_path):
+    """A notebook that tracks elsewhere: naming a model on another server must not move its tracking."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    elsewhere = f"file://{tmp_path / 'elsewhere'}"
+    mlflow.set_tracking_uri(elsewhere)
+    try:
+        found = artifact.resolve(f"models:/{NAME}/1", tracking_uri=tracking)
+        assert found.uri == f"models:/{NAME}/1" and found.source.registry_uri == tracking
+        assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == (elsewhere, elsewhere)
+    finally:
+        mlflow.set_tracking_uri(before)

@@ -83,7 +83,9 @@ def pin(uri: str, *, tracking_uri: str | None = None, registry_uri: str | None =
     from mlflow.exceptions import MlflowException
 
     tracking_uri = tracking_uri or mlflow.get_tracking_uri()
-    registry_uri = registry_uri or mlflow.get_registry_uri()
+    if registry_uri is None:
+        with _servers(tracking_uri):  # MLflow's own default for it: the tracking server, or Unity Catalog
+            registry_uri = mlflow.get_registry_uri()
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
     uri = str(uri).rstrip("/")
     where = f"(tracking {tracking_uri}, registry {registry_uri})"
@@ -169,7 +171,7 @@ def _download(model: MlflowModel, dst: Path) -> str:
     from mlflow.exceptions import MlflowException
 
     try:
-        with _servers(model):
+        with _servers(model.tracking_uri, model.registry_uri):
             path = mlflow.artifacts.download_artifacts(artifact_uri=model.uri, dst_path=str(dst))
     except MlflowException as exc:
         raise InputError(
@@ -182,25 +184,31 @@ def _download(model: MlflowModel, dst: Path) -> str:
 
 
 @contextlib.contextmanager
-def _servers(model: MlflowModel) -> Iterator[None]:
-    """MLflow's process-wide tracking and registry URIs set to ``model``'s, restored after.
+def _servers(tracking_uri: str, registry_uri: str | None = None) -> Iterator[None]:
+    """MLflow's process-wide tracking (and registry) URI set for the block, and put back after.
 
     ``download_artifacts(tracking_uri=, registry_uri=)`` does not reach the registry lookup of a
     ``models:/`` URI outside Unity Catalog, which reads ``mlflow.get_registry_uri()`` (mlflow/mlflow#18313,
-    open; ``ModelsArtifactRepository._get_model_uri_infos``): without this a task's download asks
-    the default registry for the version. Tasks run in Spark's Python workers, where nothing else
-    uses the setting meanwhile; on the driver it is put back.
+    open; ``ModelsArtifactRepository._get_model_uri_infos``), and MLflow derives a default registry
+    only from the process's tracking URI. Nothing changes when the process already uses these
+    servers (a notebook or job on its defaults); tasks run in Spark's Python workers, where nothing
+    else uses the setting meanwhile.
     """
     import mlflow
 
     before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(model.tracking_uri)
-    mlflow.set_registry_uri(model.registry_uri)
+    if tracking_uri == before[0] and registry_uri in (None, before[1]):
+        yield
+        return
+    mlflow.set_tracking_uri(tracking_uri)
+    if registry_uri is not None:
+        mlflow.set_registry_uri(registry_uri)
     try:
         yield
     finally:
         mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
+        if registry_uri is not None:
+            mlflow.set_registry_uri(before[1])
 
 
 def run_folder(model_dir: Path, *, uri: str) -> Path:
