@@ -24,11 +24,18 @@ $(STAMP): pyproject.toml constraints.txt
 # The Spark 4 inference environment: pyspark 4.0 with Spark Connect, numpy 2, no petastorm or
 # spark-tensorflow-distributor. Its interpreter also runs the local Connect server the tests start
 # (jobs/connect_server.py), so that the server's Python workers import the same petseg.
-CONNECT_VENV  ?= .venv-connect
-CONNECT_PY    := $(CONNECT_VENV)/bin/python
-CONNECT_STAMP := $(CONNECT_VENV)/.petseg-installed
+# Built on Python 3.12, as Databricks' Spark 4 line runs (Runtime 17.3 LTS, serverless environment 4):
+# python3.12 on PATH, else pyenv's latest 3.12, else $(PYTHON) with a warning.
+CONNECT_VENV   ?= .venv-connect
+CONNECT_PY     := $(CONNECT_VENV)/bin/python
+CONNECT_STAMP  := $(CONNECT_VENV)/.petseg-installed
+CONNECT_PYTHON ?= $(or $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null),$(shell \
+  v=$$(pyenv latest 3.12 2>/dev/null) && PYENV_VERSION=$$v pyenv which python3.12 2>/dev/null))
 $(CONNECT_STAMP): pyproject.toml constraints-connect.txt
-	@test -x $(CONNECT_PY) || $(PYTHON) -m venv $(CONNECT_VENV)
+	@test -n "$(CONNECT_PYTHON)" || echo "warning: no Python 3.12 found (python3.12, pyenv); building $(CONNECT_VENV) on $(PYTHON)"
+	@want=$$($(or $(CONNECT_PYTHON),$(PYTHON)) -c 'import sys; print(sys.version_info[:2])'); \
+	  have=$$($(CONNECT_PY) -c 'import sys; print(sys.version_info[:2])' 2>/dev/null); \
+	  test "$$have" = "$$want" || { rm -rf $(CONNECT_VENV); $(or $(CONNECT_PYTHON),$(PYTHON)) -m venv $(CONNECT_VENV); }
 	$(CONNECT_PY) -m pip install --quiet --upgrade pip
 	$(CONNECT_PY) -m pip install --quiet -c constraints-connect.txt -e '.[infer,test]'
 	@touch $@
@@ -69,7 +76,7 @@ lock: $(STAMP)
 	  $(PY) -m pip freeze --exclude-editable | grep -v '^petseg'; } > constraints.txt
 
 connect-lock: $(CONNECT_STAMP)
-	{ echo "# The Spark 4 inference environment petseg is tested with (Python 3.11): make connect-env."; \
+	{ echo "# The Spark 4 inference environment petseg is tested with (Python $$($(CONNECT_PY) -c 'import platform; print(platform.python_version())')): make connect-env."; \
 	  echo "# Regenerate after changing pyproject.toml: make connect-lock"; \
 	  $(CONNECT_PY) -m pip freeze --exclude-editable | grep -v '^petseg'; } > constraints-connect.txt
 

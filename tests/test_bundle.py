@@ -60,22 +60,27 @@ def test_every_wheel_path_names_the_built_wheel_from_the_file_that_holds_it():
     built = ROOT / BUNDLE["artifacts"]["petseg_wheel"]["path"] / "dist"
     for job, spec in BUNDLE["resources"]["jobs"].items():
         paths = [lib["whl"] for task in spec["tasks"] for lib in task.get("libraries", []) if "whl" in lib]
-        paths += [dep for env in spec.get("environments", []) for dep in env["spec"].get("dependencies", [])]
+        paths += [dep for env in spec.get("environments", []) for dep in env["spec"].get("dependencies", [])
+                  if dep.endswith(".whl")]
         assert paths, f"job {job} installs no wheel"
         for path in paths:
             resolved = (SOURCES[job].parent / path).resolve()
             assert resolved.parent == built.resolve() and resolved.name == "*.whl", f"{job}: {path} -> {resolved}"
 
 
-def test_the_serverless_job_runs_only_the_connect_jobs_in_a_python_311_environment_with_the_wheel():
+def test_the_serverless_job_runs_only_the_connect_jobs_in_a_python_312_environment_with_the_wheel():
+    from packaging.specifiers import SpecifierSet
+
     from petseg.config.checks import CONNECT_JOBS
 
     job = BUNDLE["resources"]["jobs"]["petseg_serverless_infer"]
     assert "job_clusters" not in job
     environments = {env["environment_key"]: env["spec"] for env in job["environments"]}
-    # Version 2 is Python 3.11; versions 3 and 4 run Python 3.12, outside requires-python.
-    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
-    assert requires.endswith("<3.12") and all(spec["environment_version"] == "2" for spec in environments.values())
+    # Version 4 is Python 3.12 with Databricks Connect 17 (Spark 4.0): what .venv-connect is, and
+    # what petseg's requires-python must admit.
+    requires = SpecifierSet(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"])
+    assert "3.12.3" in requires and all(spec["environment_version"] == "4" for spec in environments.values())
+    assert all(any(dep.startswith("mlflow") for dep in spec["dependencies"]) for spec in environments.values())
     for task in job["tasks"]:
         assert task["task_key"] in CONNECT_JOBS
         assert "job_cluster_key" not in task and "new_cluster" not in task and "libraries" not in task

@@ -83,14 +83,16 @@ def _group(proc: Path) -> int | None:
         return None
 
 
-def test_the_spark_4_environment_has_no_petastorm_and_runs_pyspark_4():
+def test_the_spark_4_environment_has_no_petastorm_and_runs_pyspark_4_on_python_3_12():
     probe = _connect(str(CONNECT_VENV / "bin" / "python"), "-c",
-                     "import importlib.util, pyspark, numpy; "
-                     "print(pyspark.__version__, numpy.__version__, importlib.util.find_spec('petastorm') is None, "
+                     "import importlib.util, platform, pyspark, numpy; "
+                     "print(platform.python_version(), pyspark.__version__, numpy.__version__, "
+                     "importlib.util.find_spec('petastorm') is None, "
                      "importlib.util.find_spec('spark_tensorflow_distributor') is None)")
     assert probe.returncode == 0, probe.stderr[-2000:]
-    spark_version, numpy_version, no_petastorm, no_distributor = probe.stdout.split()
-    assert spark_version.startswith("4.0.") and numpy_version.startswith("2.")
+    python, spark_version, numpy_version, no_petastorm, no_distributor = probe.stdout.split()
+    # Databricks' Spark 4 line (Runtime 17.3 LTS, serverless environment 4) runs Python 3.12.
+    assert python.startswith("3.12.") and spark_version.startswith("4.0.") and numpy_version.startswith("2.")
     assert no_petastorm == "True" and no_distributor == "True"
 
 
