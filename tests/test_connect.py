@@ -9,6 +9,7 @@ Connect must equal them.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from conftest import data_config, load_job_config
 
 from petseg import config
 from petseg.data import decode
+from petseg.model import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECT_VENV = ROOT / ".venv-connect"
@@ -126,6 +128,8 @@ def test_infer_and_evaluate_through_spark_connect_equal_classic_mode(spark, expo
     register(exported_run, store=store, name="petseg-connect", alias="champion")
     by_alias = _connect(petseg, "infer", f"spark.remote={connect_url}", *common[1:], "infer.model=models:/petseg-connect@champion",
                         f"mlflow.tracking_uri={store}", f"infer.output={tmp_path / 'connect-alias'}")
+    # The client's and the server's workers fetched it into this machine's temporary folder.
+    shutil.rmtree(registry.cache_folder(registry.pin("models:/petseg-connect/1", tracking_uri=store)), ignore_errors=True)
     assert by_alias.returncode == 0, by_alias.stderr[-3000:]
     assert "model:  models:/petseg-connect/1 for models:/petseg-connect@champion" in by_alias.stdout
 
