@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +201,21 @@ def test_resolving_on_the_driver_leaves_the_process_mlflow_servers_as_they_were(
         assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == (elsewhere, elsewhere)
     finally:
         mlflow.set_tracking_uri(before)
+
+
+def test_a_fetch_marks_its_model_used_and_a_new_download_removes_models_unused_for_a_week(trained, tracking):
+    pinned = registry.pin(f"models:/{NAME}/1", tracking_uri=tracking)
+    folder = registry.cache_folder(pinned)
+    week_ago = time.time() - (registry.CACHE_DAYS + 1) * 86400
+    registry.fetch(pinned)
+    os.utime(folder, (week_ago, week_ago))
+    assert registry.fetch(pinned) == folder and folder.stat().st_mtime > week_ago + 86400  # used now
+    # What a node keeps from older nights and killed workers, beside one used yesterday.
+    stale, scratch, recent = (folder.parent / name for name in ("stale-version", ".download-killed", "recent-version"))
+    for entry, when in ((stale, week_ago), (scratch, week_ago), (recent, time.time() - 86400)):
+        (entry / "artifacts").mkdir(parents=True, exist_ok=True)
+        os.utime(entry, (when, when))
+    shutil.rmtree(folder)
+    registry.fetch(pinned)  # a download: it prunes
+    assert (folder / "MLmodel").is_file() and recent.is_dir() and not stale.exists() and not scratch.exists()
+    shutil.rmtree(recent)

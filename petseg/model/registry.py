@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,10 @@ _LOGGED = re.compile(r"models:/(?P<model_id>m-[0-9a-f]+)")
 _RUN = re.compile(r"runs:/(?P<run_id>[^/]+)/(?P<path>.+)")
 #: Where tasks keep fetched models, under the node's temporary folder.
 _CACHE_FOLDER = "petseg-models"
+#: Days after which a fetched model no task has used is deleted, when its node fetches another: a
+#: week keeps what a weekly job or a paused notebook comes back to, and bounds a nightly pipeline's
+#: node to seven versions.
+CACHE_DAYS = 7
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,7 @@ def fetch(model: MlflowModel) -> Path:
     """
     target = cache_folder(model)
     if (target / "MLmodel").is_file():
+        os.utime(target)  # in use: see prune_cache
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with _scratch(target.parent) as scratch:
@@ -145,7 +151,30 @@ def fetch(model: MlflowModel) -> Path:
         except OSError:
             if not (target / "MLmodel").is_file():  # not another worker's copy: a real failure
                 raise
+    prune_cache(target.parent, keep=target)
     return target
+
+
+def prune_cache(root: Path, *, keep: Path, max_age_days: float = CACHE_DAYS) -> list[Path]:
+    """Delete the fetched models under ``root`` that no task has used for ``max_age_days``; return them.
+
+    A long-lived cluster that segments each night's new version would otherwise keep every version
+    it ever fetched on every node. Each fetch marks its folder used (its mtime), so a model a job is
+    using is never this old; a download a killed worker left behind is removed the same way.
+    """
+    horizon = time.time() - max_age_days * 86400
+    removed = []
+    for entry in root.iterdir():
+        try:
+            stale = entry != keep and entry.is_dir() and entry.stat().st_mtime < horizon
+        except OSError:
+            continue  # another worker removed it meanwhile
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    if removed:
+        log.info("removed %d model(s) unused for %g days from %s", len(removed), max_age_days, root)
+    return removed
 
 
 def cache_folder(model: MlflowModel) -> Path:
