@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 
     from petseg.model.registry import MlflowModel
 
-    from petseg.infer.segment import ImageRow
-
 log = logging.getLogger(__name__)
 
 #: The Arrow batch size conf: rows handed to a pandas UDF at once.
@@ -87,15 +85,6 @@ class NothingSegmentedError(InputError):
     """The job segmented no row: the input was empty, or every row failed; the message says which."""
 
 
-def _image_rows(data: pd.Series, heights: pd.Series, widths: pd.Series) -> list["ImageRow"]:
-    from petseg.infer.segment import ImageRow
-
-    return [
-        ImageRow(value, None if pd.isna(h) or pd.isna(w) else (int(h), int(w)))
-        for value, h, w in zip(data.tolist(), heights.tolist(), widths.tolist())
-    ]
-
-
 def segment_udf(
     model: "str | MlflowModel",
     *,
@@ -119,11 +108,11 @@ def segment_udf(
 
     @pandas_udf(SEGMENTATION_SCHEMA)  # type: ignore[call-overload]
     def segment(batches: Iterator[Tuple[pd.Series, pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
-        from petseg.infer.segment import results_frame, segment_stream
+        from petseg.infer.segment import image_rows, results_frame, segment_stream
 
         prepare_task_environment()  # before the load imports TensorFlow
         loaded = artifact.load(model, threads=threads, version=model_version)
-        rows = (_image_rows(*batch) for batch in batches)
+        rows = (image_rows(*(column.tolist() for column in batch)) for batch in batches)
         for results in segment_stream(loaded, rows, batch_size=batch_size, read_files=read_files,
                                       model_resolution=model_resolution, max_pixels=max_image_pixels,
                                       threads=threads or 1):

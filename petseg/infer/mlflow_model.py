@@ -47,7 +47,7 @@ class PetsegModel(mlflow.pyfunc.PythonModel):
         self._model = artifact.load(str(Path(context.artifacts[METADATA_ARTIFACT]).parent))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from petseg.infer.segment import ImageRow, results_frame, segment_stream
+        from petseg.infer.segment import image_rows, results_frame, segment_stream
 
         options = {**DEFAULT_PARAMS, **(params or {})}
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({IMAGE_COLUMN: list(model_input)})
@@ -56,9 +56,8 @@ class PetsegModel(mlflow.pyfunc.PythonModel):
                 f"the model's input has the columns {list(frame.columns)}; pass encoded images in a column "
                 f"named {IMAGE_COLUMN!r} (and optionally {SIZE_COLUMNS[0]!r}, {SIZE_COLUMNS[1]!r} for the masks' size)"
             )
-        sizes = zip(*(frame[c] if c in frame.columns else [None] * len(frame) for c in SIZE_COLUMNS))
-        rows = [ImageRow(data, None if h is None or w is None or pd.isna(h) or pd.isna(w) else (int(h), int(w)))
-                for data, (h, w) in zip(frame[IMAGE_COLUMN].tolist(), sizes)]
+        heights, widths = (frame[c].tolist() if c in frame.columns else [None] * len(frame) for c in SIZE_COLUMNS)
+        rows = image_rows(frame[IMAGE_COLUMN].tolist(), heights, widths)
         results = [result for batch in segment_stream(
             self._model, [rows], batch_size=int(options["batch_size"]),
             model_resolution=bool(options["model_resolution"]), max_pixels=int(options["max_image_pixels"]),

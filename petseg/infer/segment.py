@@ -73,6 +73,13 @@ class ImageRow:
     size: tuple[int, int] | None = None
 
 
+def image_rows(data: Iterable, heights: Iterable, widths: Iterable) -> list[ImageRow]:
+    """Rows from columns of data and of the (nullable: None, NaN, pandas' NA) size to return masks at,
+    as the inference UDF and the MLflow model receive them."""
+    return [ImageRow(value, None if pd.isna(h) or pd.isna(w) else (int(h), int(w)))
+            for value, h, w in zip(data, heights, widths)]
+
+
 def results_frame(results: Sequence[EncodedSegmentation]) -> pd.DataFrame:
     """Rows of the inference output as pandas: ``mask_png``, ``mask_model_png``, ``height``, ``width``,
     ``fraction_<class>`` and ``error``, the inference UDF's and the MLflow model's output."""
