@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import pandas as pd
-from petastorm.etl.dataset_metadata import materialize_dataset
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -18,7 +18,8 @@ from pyspark.sql.types import BinaryType, IntegerType, StructField, StructType
 
 from petseg.config import DataConfig, Source
 from petseg.data.decode import DEFAULT_MAX_IMAGE_PIXELS, prepare_example
-from petseg.data.schema import REJECTS_SCHEMA, SPLIT, ignore_petastorm_pyarrow_deprecations, pet_schema
+from petseg.data.schema import REJECTS_SCHEMA, SPLIT, encode_value, ignore_petastorm_pyarrow_deprecations, pet_fields, pet_schema
+from petseg.data.unischema import write_common_metadata
 from petseg.errors import InputError, RejectedInput
 from petseg.ingest.pairs import PAIRS_SCHEMA
 from petseg.io.fs import read_file, storage_for
@@ -48,6 +49,7 @@ class IngestReport:
     written: dict[str, int] = field(default_factory=dict)  # split -> rows
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> rows
     seconds: dict[str, float] = field(default_factory=dict)  # phase -> wall time
+    writer: str = ""  # which wrote the metadata: see dataset_writer
 
     @property
     def read(self) -> int:
@@ -60,6 +62,8 @@ class IngestReport:
         if self.seconds:
             lines.append("  seconds: " + ", ".join(f"{phase} {t:.1f}" for phase, t in self.seconds.items()))
         lines.append(f"  dataset: {self.dataset}")
+        if self.writer:
+            lines.append(f"  writer:  {WRITERS[self.writer]}")
         if self.rejected:
             lines.append(f"  rejects: {self.rejects}")
         return "\n".join(lines)
@@ -100,8 +104,8 @@ def _prepare_batches(
     image_size: int, image_codec: str, max_image_pixels: int
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     def prepare(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        schema = pet_schema(image_size=image_size, image_codec=image_codec)
-        image_field, mask_field = schema.fields["image"], schema.fields["mask"]
+        fields = {f.name: f for f in pet_fields(image_size=image_size, image_codec=image_codec)}
+        image_field, mask_field = fields["image"], fields["mask"]
         for batch in batches:
             out = {name: [] for name in ("image", "mask", "height", "width")}
             reasons, details = batch["reason"].tolist(), batch["detail"].tolist()
@@ -119,8 +123,8 @@ def _prepare_batches(
                     for values in out.values():
                         values.append(None)
                     continue
-                out["image"].append(bytes(image_field.codec.encode(image_field, example.image)))
-                out["mask"].append(bytes(mask_field.codec.encode(mask_field, example.mask)))
+                out["image"].append(encode_value(image_field, example.image))
+                out["mask"].append(encode_value(mask_field, example.mask))
                 out["height"].append(example.height)
                 out["width"].append(example.width)
             yield pd.DataFrame(
@@ -137,29 +141,82 @@ def _prepare_batches(
     return prepare
 
 
-def write_dataset(spark: SparkSession, examples: DataFrame, *, url: str, data: DataConfig, split_rows: dict[str, int]) -> None:
+#: Which code writes a dataset's Petastorm metadata (see :func:`dataset_writer`).
+WRITERS = {
+    "petastorm": "petastorm's materialize_dataset",
+    "petseg": "petseg's own (Petastorm's format, petastorm not used)",
+}
+
+
+def dataset_writer() -> str:
+    """``petastorm`` where petastorm 0.13.1 can write (it is installed and pyarrow is older than 15), else ``petseg``.
+
+    The one place the choice is made. Both write the same data files; only the ``_common_metadata``
+    footer comes from petastorm's ``materialize_dataset`` or from :func:`write_common_metadata`, which
+    writes the same keys. petastorm 0.13.1 calls pyarrow's legacy ParquetDataset, which pyarrow 15
+    removed, and imports ``pyarrow.filesystem``, gone since pyarrow 16 (uber/petastorm#805).
+    """
+    import importlib.util
+
+    import pyarrow
+
+    if int(pyarrow.__version__.split(".")[0]) >= 15 or importlib.util.find_spec("petastorm") is None:
+        return "petseg"
+    return "petastorm"
+
+
+def parquet_write_options(*, rowgroup_size_mb: int) -> dict[str, str]:
+    """The Parquet settings petastorm's ``materialize_dataset`` puts in the Hadoop configuration
+    (``_init_spark``), given to each write as options, which Spark copies into that write's Hadoop
+    configuration: row groups of ``rowgroup_size_mb``, checked for size from the third row on (not
+    the 100th: a 128x128 example is 65 KB), and no summary files."""
+    return {
+        "parquet.block.size": str(rowgroup_size_mb * 1024 * 1024),
+        "parquet.block.size.row.check.min": "3",
+        "parquet.row-group.size.row.check.min": "3",
+        "parquet.summary.metadata.level": "NONE",
+    }
+
+
+def write_dataset(spark: SparkSession, examples: DataFrame, *, url: str, data: DataConfig, split_rows: dict[str, int],
+                  writer: str) -> None:
     """Write accepted examples as a Petastorm dataset partitioned by split, replacing ``url`` atomically.
 
     Each split is its own Hive-style folder (``split=train``), so its row groups hold only its rows
     and a reader filtering on split skips the others without opening them. Within a split, files
     are capped at ceil(rows / min_row_groups_per_split) records: every file holds at least one row
     group, so even a small split gets enough row groups for Petastorm to shard across workers, while
-    data.rowgroup_size_mb bounds them for large splits.
+    data.rowgroup_size_mb bounds them for large splits. ``writer`` (:func:`dataset_writer`) says who
+    writes the ``_common_metadata``.
     """
-    schema = pet_schema(image_size=data.image_size, image_codec=data.image_codec.value)
-    columns = [name for name in schema.fields if name != SPLIT]
-    ignore_petastorm_pyarrow_deprecations()
+    fields = pet_fields(image_size=data.image_size, image_codec=data.image_codec.value)
+    columns = [f.name for f in fields if f.name != SPLIT]
+    options = parquet_write_options(rowgroup_size_mb=data.rowgroup_size_mb)
     with storage_for(spark).atomic_output(url) as tmp:
-        with materialize_dataset(spark, tmp, schema, data.rowgroup_size_mb):
+        with _metadata_writer(spark, tmp, data=data, writer=writer):
             for split, rows in sorted(split_rows.items()):
                 (
                     examples.where(F.col(SPLIT) == split)
                     .withColumnRenamed("path", "source_path")
                     .select(*columns)
                     .write.mode("overwrite")
+                    .options(**options)
                     .option("maxRecordsPerFile", max(1, math.ceil(rows / data.min_row_groups_per_split)))
                     .parquet(f"{tmp}/{SPLIT}={split}")
                 )
+        if writer == "petseg":
+            write_common_metadata(tmp, fields)
+
+
+def _metadata_writer(spark: SparkSession, url: str, *, data: DataConfig, writer: str) -> ContextManager[Any]:
+    """petastorm's ``materialize_dataset`` around the writes where it writes the metadata, else nothing."""
+    if writer == "petseg":
+        return contextlib.nullcontext()
+    from petastorm.etl.dataset_metadata import materialize_dataset
+
+    ignore_petastorm_pyarrow_deprecations()
+    schema = pet_schema(image_size=data.image_size, image_codec=data.image_codec.value)
+    return materialize_dataset(spark, url, schema, data.rowgroup_size_mb)
 
 
 def rejects_table(rejects: DataFrame) -> DataFrame:
@@ -178,7 +235,7 @@ def write_rejects(spark: SparkSession, rejects: DataFrame, *, url: str) -> None:
         rejects_table(rejects).write.mode("overwrite").parquet(tmp)
 
 
-def run_ingest(spark: SparkSession, *, data: DataConfig) -> IngestReport:
+def run_ingest(spark: SparkSession, *, data: DataConfig, writer: str | None = None) -> IngestReport:
     """Read the configured source, write the Petastorm dataset and the rejects table, and report counts.
 
     Parameters
@@ -187,6 +244,9 @@ def run_ingest(spark: SparkSession, *, data: DataConfig) -> IngestReport:
         The session to run on.
     data
         The ``data`` section of a validated config (see :mod:`petseg.config`).
+    writer
+        ``petastorm`` or ``petseg``: who writes the dataset's metadata; None lets
+        :func:`dataset_writer` choose, as every job does.
 
     Returns
     -------
@@ -199,6 +259,9 @@ def run_ingest(spark: SparkSession, *, data: DataConfig) -> IngestReport:
         When the input is missing or empty, or (after the rejects are written, so they can be
         inspected) when no valid example remains.
     """
+    writer = writer or dataset_writer()
+    if writer not in WRITERS:
+        raise ValueError(f"writer={writer!r} is not a dataset writer; use one of {', '.join(WRITERS)}, or None")
     storage = storage_for(spark)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -227,7 +290,8 @@ def run_ingest(spark: SparkSession, *, data: DataConfig) -> IngestReport:
             raise InputError(f"the {data.source.value} input {data.input or ''} produced no rows; check data.input")
         lap("decode")
         report = IngestReport(
-            dataset=data.dataset, rejects=str(data.rejects), written=dict(written), rejected=dict(rejected), seconds=seconds
+            dataset=data.dataset, rejects=str(data.rejects), written=dict(written), rejected=dict(rejected), seconds=seconds,
+            writer=writer,
         )
         if rejected:
             write_rejects(spark, prepared.where(F.col("reason").isNotNull()), url=str(data.rejects))
@@ -239,7 +303,8 @@ def run_ingest(spark: SparkSession, *, data: DataConfig) -> IngestReport:
                 f"no valid example remains out of {report.read} read; see the rejects table at {data.rejects} "
                 f"(reasons: {dict(rejected)})"
             )
-        write_dataset(spark, prepared.where(F.col("reason").isNull()), url=data.dataset, data=data, split_rows=dict(written))
+        write_dataset(spark, prepared.where(F.col("reason").isNull()), url=data.dataset, data=data, split_rows=dict(written),
+                      writer=writer)
         lap("dataset")
     finally:
         prepared.unpersist()

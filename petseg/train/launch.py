@@ -13,7 +13,6 @@ from pyspark.sql import SparkSession
 from petseg import env
 from petseg.config import Config, redact_secrets, to_dict
 from petseg.data.reader import dataset_fingerprint, split_stats
-from petseg.data.schema import ignore_petastorm_pyarrow_deprecations
 from petseg.errors import InputError
 from petseg.io import urls
 from petseg.io.fs import storage_for
@@ -105,12 +104,17 @@ def dataset_stats(dataset_url: str) -> dict[str, tuple[int, int]]:
 
 
 def stored_image_size(dataset_url: str) -> int:
-    """The side of the images a dataset stores, from its Unischema (Petastorm's metadata, unpickled)."""
-    from petastorm.etl.dataset_metadata import get_schema_from_dataset_url
+    """The side of the images a dataset stores, from its Unischema (read without petastorm, whichever
+    stack wrote it)."""
+    from petseg.data.unischema import stored_fields
 
-    ignore_petastorm_pyarrow_deprecations()
-    reader_url, filesystem = urls.petastorm_source(dataset_url)
-    return int(get_schema_from_dataset_url(reader_url, filesystem=filesystem).fields["image"].shape[0])
+    try:
+        fields = {f.name: f for f in stored_fields(dataset_url)}
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"data.dataset={dataset_url!r}: {exc}") from None
+    if "image" not in fields or len(fields["image"].shape) != 3:
+        raise TrainError(f"data.dataset={dataset_url!r} stores no image field of height x width x 3; re-run ingest into it")
+    return int(fields["image"].shape[0])
 
 
 def _image_size(cfg: Config) -> int:

@@ -49,12 +49,8 @@ def write_outputs(*, output_dir: Path, spec: dict[str, Any], history: list[dict[
 
 def _preview(*, run_dir: Path, dataset_url: str, count: int) -> bytes:
     """The predictions grid for the first ``count`` test images, made with the exported model."""
-    import numpy as np
+    from petseg.data.reader import first_rows
 
-    from petseg.data.reader import open_split
-
-    with open_split(dataset_url, split="test", fields=("id", "image", "mask"), workers_count=1) as reader:
-        rows = [row for _, row in zip(range(count), reader)]
-    images = np.stack([r.image for r in rows])
+    ids, images, masks = first_rows(dataset_url, split="test", count=count)
     predicted = artifact.load(str(run_dir)).predict_labels(images, batch_size=count)
-    return predictions_png([r.id for r in rows], images, np.stack([r.mask for r in rows]), predicted)
+    return predictions_png(ids, images, masks, predicted)
