@@ -5,12 +5,12 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.petseg-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench package cluster-demo lock java clean connect-env connect-lock
+.PHONY: demo test bench package cluster-demo lock java clean spark4-env spark4-lock
 
 # Spark needs a JVM; say how to get one instead of failing deep inside py4j.
 java:
 	@command -v java >/dev/null 2>&1 || { \
-	  echo "Java is required by Spark 3.5 (Java 8, 11 or 17). Install it, e.g.:"; \
+	  echo "Java 17 is required by Spark (3.5 takes 8, 11 or 17; 4.0 takes 17 or 21). Install it, e.g.:"; \
 	  echo "  sudo apt-get install -y openjdk-17-jre-headless   (Debian/Ubuntu)"; \
 	  echo "  brew install openjdk@17                           (macOS)"; \
 	  exit 1; }
@@ -21,33 +21,34 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[train,test,package]'
 	@touch $@
 
-# The Spark 4 inference environment: pyspark 4.0 with Spark Connect, numpy 2, no petastorm or
-# spark-tensorflow-distributor. Its interpreter also runs the local Connect server the tests start
-# (jobs/connect_server.py), so that the server's Python workers import the same petseg.
-# Built on Python 3.12, as Databricks' Spark 4 line runs (Runtime 17.3 LTS, serverless environment 4):
+# The Spark 4 environment, Databricks' Spark 4 line (Runtime 17.3 LTS ML, serverless environment 4):
+# Python 3.12, pyspark 4.0 with Spark Connect, pyarrow 21, numpy 2, TensorFlow with tf-keras,
+# spark-tensorflow-distributor, and no petastorm. The tests run the whole pipeline from it, read its
+# datasets here and this environment's there, and start a local Connect server from its interpreter,
+# so that the server's Python workers import the same petseg.
 # python3.12 on PATH, else pyenv's latest 3.12, else $(PYTHON) with a warning.
-CONNECT_VENV   ?= .venv-connect
-CONNECT_PY     := $(CONNECT_VENV)/bin/python
-CONNECT_STAMP  := $(CONNECT_VENV)/.petseg-installed
-CONNECT_PYTHON ?= $(or $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null),$(shell \
+SPARK4_VENV   ?= .venv-spark4
+SPARK4_PY     := $(SPARK4_VENV)/bin/python
+SPARK4_STAMP  := $(SPARK4_VENV)/.petseg-installed
+SPARK4_PYTHON ?= $(or $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null),$(shell \
   v=$$(pyenv latest 3.12 2>/dev/null) && PYENV_VERSION=$$v pyenv which python3.12 2>/dev/null))
-$(CONNECT_STAMP): pyproject.toml constraints-connect.txt
-	@test -n "$(CONNECT_PYTHON)" || echo "warning: no Python 3.12 found (python3.12, pyenv); building $(CONNECT_VENV) on $(PYTHON)"
-	@want=$$($(or $(CONNECT_PYTHON),$(PYTHON)) -c 'import sys; print(sys.version_info[:2])'); \
-	  have=$$($(CONNECT_PY) -c 'import sys; print(sys.version_info[:2])' 2>/dev/null); \
-	  test "$$have" = "$$want" || { rm -rf $(CONNECT_VENV); $(or $(CONNECT_PYTHON),$(PYTHON)) -m venv $(CONNECT_VENV); }
-	$(CONNECT_PY) -m pip install --quiet --upgrade pip
-	$(CONNECT_PY) -m pip install --quiet -c constraints-connect.txt -e '.[infer,test]'
+$(SPARK4_STAMP): pyproject.toml constraints-spark4.txt
+	@test -n "$(SPARK4_PYTHON)" || echo "warning: no Python 3.12 found (python3.12, pyenv); building $(SPARK4_VENV) on $(PYTHON)"
+	@want=$$($(or $(SPARK4_PYTHON),$(PYTHON)) -c 'import sys; print(sys.version_info[:2])'); \
+	  have=$$($(SPARK4_PY) -c 'import sys; print(sys.version_info[:2])' 2>/dev/null); \
+	  test "$$have" = "$$want" || { rm -rf $(SPARK4_VENV); $(or $(SPARK4_PYTHON),$(PYTHON)) -m venv $(SPARK4_VENV); }
+	$(SPARK4_PY) -m pip install --quiet --upgrade pip
+	$(SPARK4_PY) -m pip install --quiet -c constraints-spark4.txt -e '.[train,infer,test]'
 	@touch $@
 
-connect-env: $(CONNECT_STAMP)
+spark4-env: $(SPARK4_STAMP)
 
 # The whole pipeline on local Spark with the embedded default (conf/local.yaml): ingest -> train -> infer -> evaluate.
 demo: java $(STAMP)
 	$(VENV)/bin/petseg demo
 
 # pytest exits 5 when it collects nothing; that is a failure here, with a message.
-test: java $(STAMP) $(CONNECT_STAMP)
+test: java $(STAMP) $(SPARK4_STAMP)
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: check tests/ and PYTEST_ARGS"; fi; exit $$rc
 
@@ -75,10 +76,10 @@ lock: $(STAMP)
 	  echo "# Regenerate after changing pyproject.toml: make lock"; \
 	  $(PY) -m pip freeze --exclude-editable | grep -v '^petseg'; } > constraints.txt
 
-connect-lock: $(CONNECT_STAMP)
-	{ echo "# The Spark 4 inference environment petseg is tested with (Python $$($(CONNECT_PY) -c 'import platform; print(platform.python_version())')): make connect-env."; \
-	  echo "# Regenerate after changing pyproject.toml: make connect-lock"; \
-	  $(CONNECT_PY) -m pip freeze --exclude-editable | grep -v '^petseg'; } > constraints-connect.txt
+spark4-lock: $(SPARK4_STAMP)
+	{ echo "# The Spark 4 environment petseg is tested with (Python $$($(SPARK4_PY) -c 'import platform; print(platform.python_version())')): make spark4-env."; \
+	  echo "# Regenerate after changing pyproject.toml: make spark4-lock"; \
+	  $(SPARK4_PY) -m pip freeze --exclude-editable | grep -v '^petseg'; } > constraints-spark4.txt
 
 clean:
 	rm -rf build .pytest_cache

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,27 @@ from PIL import Image
 
 from petseg import config, env
 from petseg.data import render
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The Spark 4 environment (make spark4-env): Python 3.12, pyspark 4.0, pyarrow 21, numpy 2, no petastorm.
+SPARK4_VENV = ROOT / ".venv-spark4"
+
+#: Skips a Spark 4 module where the environment was not built, except in CI, where it must be there.
+needs_spark4 = pytest.mark.skipif(
+    not (SPARK4_VENV / "bin" / "python").exists() and not os.environ.get("CI"),
+    reason="the Spark 4 environment is missing: run `make spark4-env` (make test builds it)",
+)
+
+
+def run_spark4(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command of the Spark 4 environment (``petseg``, ``python``: its bin/ is searched first), with
+    none of this environment's Python or Spark variables; MLflow's local file stores allowed, as the
+    tests use them."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK_", "SPARK_", "PYTHON"))}
+    command = [str(SPARK4_VENV / "bin" / args[0]) if (SPARK4_VENV / "bin" / args[0]).exists() else args[0], *args[1:]]
+    return subprocess.run(command, cwd=ROOT, env={**clean, "MLFLOW_ALLOW_FILE_STORE": "true", **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

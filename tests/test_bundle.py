@@ -42,12 +42,29 @@ TARGETS = list(BUNDLE["targets"])
 TASKS = [(job, task) for job, spec in BUNDLE["resources"]["jobs"].items() for task in spec["tasks"]]
 
 
+#: The Databricks Runtime ML line each Spark and Python pair is: the runtimes petseg's pipeline targets.
+LTS_ML_RUNTIMES = {"15.4": "scala2.12", "16.4": "scala2.12", "17.3": "scala2.13"}
+
+
 def test_bundle_shape():
-    assert set(TARGETS) == {"dev", "prod"} and BUNDLE["targets"]["prod"]["mode"] == "production"
+    assert set(TARGETS) == {"dev", "dev-16-4", "dev-17-3", "prod"} and BUNDLE["targets"]["prod"]["mode"] == "production"
     job = BUNDLE["resources"]["jobs"]["petseg_pipeline"]
     assert [t["task_key"] for t in job["tasks"]] == ["ingest", "train", "infer", "evaluate"]
     cluster = job["job_clusters"][0]["new_cluster"]
-    assert cluster["spark_version"].startswith("15.4.") and "gpu-ml" in cluster["spark_version"]
+    runtimes = {}
+    for target in TARGETS:
+        variables = {name: spec.get("default") for name, spec in BUNDLE["variables"].items()}
+        variables.update(BUNDLE["targets"][target].get("variables", {}))
+        version = _substitute(cluster["spark_version"], variables, target)
+        line, _, rest = version.partition(".x-")
+        assert rest == f"gpu-ml-{LTS_ML_RUNTIMES[line]}", f"{target}: {version} is not a GPU ML runtime of an LTS line"
+        runtimes[target] = line
+    assert runtimes["dev"] == runtimes["prod"] == "15.4" and set(runtimes.values()) == set(LTS_ML_RUNTIMES)
+    # 16.4 and 17.3 ML pre-install no spark-tensorflow-distributor: training installs the one petseg[ml] names.
+    train = next(t for t in job["tasks"] if t["task_key"] == "train")
+    wanted = next(r for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["ml"]
+                  if r.startswith("spark-tensorflow-distributor"))
+    assert {"pypi": {"package": wanted}} in train["libraries"]
     assert cluster["spark_conf"]["spark.task.resource.gpu.amount"] == "1"
     assert cluster["spark_env_vars"]["TF_USE_LEGACY_KERAS"] == "1"
     keys = {t["job_cluster_key"] for t in job["tasks"]}
@@ -76,7 +93,7 @@ def test_the_serverless_job_runs_only_the_connect_jobs_in_a_python_312_environme
     job = BUNDLE["resources"]["jobs"]["petseg_serverless_infer"]
     assert "job_clusters" not in job
     environments = {env["environment_key"]: env["spec"] for env in job["environments"]}
-    # Version 4 is Python 3.12 with Databricks Connect 17 (Spark 4.0): what .venv-connect is, and
+    # Version 4 is Python 3.12 with Databricks Connect 17 (Spark 4.0): what .venv-spark4 is, and
     # what petseg's requires-python must admit.
     requires = SpecifierSet(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"])
     assert "3.12.3" in requires and all(spec["environment_version"] == "4" for spec in environments.values())

@@ -1,14 +1,13 @@
 """Inference and evaluation through a real Spark Connect server on Spark 4, from the second environment.
 
-``make connect-env`` builds .venv-connect (pyspark 4.0 with Spark Connect, numpy 2, TensorFlow,
-no petastorm or spark-tensorflow-distributor), and jobs/connect_server.py starts a local Connect
-server from it, whose Python workers run that environment. The dataset is ingested and the
+``make spark4-env`` builds .venv-spark4 (pyspark 4.0 with Spark Connect, numpy 2, TensorFlow, no
+petastorm), and jobs/connect_server.py starts a local Connect server from it, whose Python workers
+run that environment. The dataset is ingested and the
 classic-mode outputs are computed by this (main, Spark 3.5) environment: what comes back through
 Connect must equal them.
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,31 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import data_config, load_job_config
+from conftest import ROOT, data_config, load_job_config, needs_spark4, run_spark4
 
 from petseg import config
 from petseg.data import decode
 from petseg.model import registry
 
-ROOT = Path(__file__).resolve().parents[1]
-CONNECT_VENV = ROOT / ".venv-connect"
-
-pytestmark = pytest.mark.skipif(
-    not (CONNECT_VENV / "bin" / "python").exists() and not os.environ.get("CI"),
-    reason="the Spark 4 environment is missing: run `make connect-env` (make test builds it)",
-)
-
-
-#: The tests' MLflow stores are local folders, which MLflow 3 opens only behind this switch; the
-#: server's Python workers fetch registered models from them.
-MLFLOW_FILE_STORE = {"MLFLOW_ALLOW_FILE_STORE": "true"}
-
-
-def _connect(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run a command of the Spark 4 environment, with none of this environment's Python variables."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK_", "SPARK_", "PYTHON"))}
-    return subprocess.run(args, cwd=ROOT, env={**clean, **MLFLOW_FILE_STORE}, capture_output=True, text=True,
-                          timeout=timeout)
+pytestmark = needs_spark4
 
 
 def register(run: Path, *, store: str, name: str, alias: str) -> None:
@@ -62,8 +43,7 @@ def register(run: Path, *, store: str, name: str, alias: str) -> None:
 @pytest.fixture(scope="module")
 def connect_url(tmp_path_factory):
     folder = tmp_path_factory.mktemp("connect-server")
-    started = _connect(str(CONNECT_VENV / "bin" / "python"), "jobs/connect_server.py", "start", "--dir", str(folder),
-                       "--master", "local[2]")
+    started = run_spark4("python", "jobs/connect_server.py", "start", "--dir", str(folder), "--master", "local[2]")
     assert started.returncode == 0, started.stderr[-3000:]
     url = started.stdout.strip().splitlines()[-1]
     assert url.startswith("sc://127.0.0.1:")
@@ -71,7 +51,7 @@ def connect_url(tmp_path_factory):
     try:
         yield url
     finally:
-        stopped = _connect(str(CONNECT_VENV / "bin" / "python"), "jobs/connect_server.py", "stop", "--dir", str(folder))
+        stopped = run_spark4("python", "jobs/connect_server.py", "stop", "--dir", str(folder))
         assert stopped.returncode == 0, stopped.stderr[-2000:]
         left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _group(p) == pid]
         assert not left, f"processes of the Connect server's group are left: {[p.name for p in left]}"
@@ -83,19 +63,6 @@ def _group(proc: Path) -> int | None:
         return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2])
     except (OSError, IndexError, ValueError):
         return None
-
-
-def test_the_spark_4_environment_has_no_petastorm_and_runs_pyspark_4_on_python_3_12():
-    probe = _connect(str(CONNECT_VENV / "bin" / "python"), "-c",
-                     "import importlib.util, platform, pyspark, numpy; "
-                     "print(platform.python_version(), pyspark.__version__, numpy.__version__, "
-                     "importlib.util.find_spec('petastorm') is None, "
-                     "importlib.util.find_spec('spark_tensorflow_distributor') is None)")
-    assert probe.returncode == 0, probe.stderr[-2000:]
-    python, spark_version, numpy_version, no_petastorm, no_distributor = probe.stdout.split()
-    # Databricks' Spark 4 line (Runtime 17.3 LTS, serverless environment 4) runs Python 3.12.
-    assert python.startswith("3.12.") and spark_version.startswith("4.0.") and numpy_version.startswith("2.")
-    assert no_petastorm == "True" and no_distributor == "True"
 
 
 def test_infer_and_evaluate_through_spark_connect_equal_classic_mode(spark, exported_run, tmp_path, connect_url,
@@ -113,21 +80,19 @@ def test_infer_and_evaluate_through_spark_connect_equal_classic_mode(spark, expo
     evaluate = [f"evaluate.model={exported_run}", f"evaluate.dataset={tmp_path / 'pets'}", "evaluate.preview_images=2"]
     classic_eval = run_evaluate(spark, evaluate=load_job_config(
         "evaluate", *evaluate, f"evaluate.output={tmp_path / 'classic-eval'}").evaluate)
-
-    petseg = str(CONNECT_VENV / "bin" / "petseg")
-    inferred = _connect(petseg, "infer", f"spark.remote={connect_url}", *common, f"infer.output={tmp_path / 'connect'}")
+    inferred = run_spark4("petseg", "infer", f"spark.remote={connect_url}", *common, f"infer.output={tmp_path / 'connect'}")
     assert inferred.returncode == 0, inferred.stderr[-3000:]
     assert "infer: 16 rows, segmented 16, failed 0" in inferred.stdout
-    evaluated = _connect(petseg, "evaluate", f"spark.remote={connect_url}", *evaluate,
-                         f"evaluate.output={tmp_path / 'connect-eval'}")
+    evaluated = run_spark4("petseg", "evaluate", f"spark.remote={connect_url}", *evaluate,
+                           f"evaluate.output={tmp_path / 'connect-eval'}")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
 
     # The same model by its registered alias, as the serverless job names it: pinned to version 1.
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     store = f"file://{tmp_path / 'mlruns'}"
     register(exported_run, store=store, name="petseg-connect", alias="champion")
-    by_alias = _connect(petseg, "infer", f"spark.remote={connect_url}", *common[1:], "infer.model=models:/petseg-connect@champion",
-                        f"mlflow.tracking_uri={store}", f"infer.output={tmp_path / 'connect-alias'}")
+    by_alias = run_spark4("petseg", "infer", f"spark.remote={connect_url}", *common[1:], "infer.model=models:/petseg-connect@champion",
+                          f"mlflow.tracking_uri={store}", f"infer.output={tmp_path / 'connect-alias'}")
     # The client's and the server's workers fetched it into this machine's temporary folder.
     shutil.rmtree(registry.cache_folder(registry.pin("models:/petseg-connect/1", tracking_uri=store)), ignore_errors=True)
     assert by_alias.returncode == 0, by_alias.stderr[-3000:]
