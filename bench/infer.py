@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from petseg import config, env
+from petseg.model.artifact import versions
 
 SIZE, N_DEPTH, CORES = 128, 5, 2
 #: The nearly free model of the data-path measurement: its predict costs ~0.05 ms an image.
@@ -163,7 +164,7 @@ def main() -> None:
 
     print(json.dumps({
         "bench": "infer", "photo_size": "500x375 jpeg", "batch": args.batch, "spark_cores": CORES,
-        "cpu_cores": os.cpu_count(),
+        "cpu_cores": os.cpu_count(), "stack": versions(),
         "recipe_model": {
             "images": args.count, "image_size": SIZE, "n_depth": N_DEPTH,
             "job_images_per_s": round(recipe_rate, 1),

@@ -2,7 +2,8 @@
 
 Both sides read the same Oxford-layout files (synthetic pets, 500x375 JPEG, like the release's photos)
 and do the same work per image: decode by content, check, resize, encode with the dataset's codecs.
-The job also pairs by stem, writes Parquet and the Petastorm metadata; the loop writes nothing.
+The job also pairs by stem, writes Parquet and the Petastorm metadata (petastorm's writer or petseg's,
+as the stack allows: "writer" in the JSON); the loop writes nothing.
 
     python bench/ingest.py [--count 500] [--cores 2]
 """
@@ -19,20 +20,21 @@ from pathlib import Path
 from petseg import config
 from petseg.data import render
 from petseg.data.decode import prepare_example
-from petseg.data.schema import pet_schema
+from petseg.data.schema import encode_value, pet_fields
+from petseg.model.artifact import versions
 
 
 def bare_loop(root: Path, *, image_size: int, codec: str) -> tuple[int, float]:
     """The same per-image work in one process pinned to one core (OpenCV would otherwise use them all)."""
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    schema = pet_schema(image_size=image_size, image_codec=codec)
-    image_field, mask_field = schema.fields["image"], schema.fields["mask"]
+    fields = {f.name: f for f in pet_fields(image_size=image_size, image_codec=codec)}
+    image_field, mask_field = fields["image"], fields["mask"]
     start, n = time.perf_counter(), 0
     for path in sorted((root / "images").glob("*.jpg")):
         trimap = root / "annotations" / "trimaps" / f"{path.stem}.png"
         example = prepare_example(path.read_bytes(), trimap.read_bytes(), size=image_size)
-        image_field.codec.encode(image_field, example.image)
-        mask_field.codec.encode(mask_field, example.mask)
+        encode_value(image_field, example.image)
+        encode_value(mask_field, example.mask)
         n += 1
     return n, time.perf_counter() - start
 
@@ -91,6 +93,8 @@ def main() -> None:
                 "bare_loop_images_per_s": round(loop_rate, 1),
                 "ratio_job_to_loop": round(job_rate / loop_rate, 2),
                 "goal_ratio": 1.5,
+                "writer": report.writer,
+                "stack": versions(),
             }
         )
     )

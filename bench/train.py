@@ -1,4 +1,4 @@
-"""Training throughput: the runner with one worker, plain model.fit, and the Petastorm reader alone. Prints JSON.
+"""Training throughput: the runner with one worker, plain model.fit, and the dataset readers alone. Prints JSON.
 
 All three use the same ingested synthetic dataset. The runner and the plain fit train the same model
 with the same batch and image size, each in one TensorFlow process; the runner's figure is its
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from petseg import config, env
+from petseg.model.artifact import versions
 
 PLAIN_FIT = textwrap.dedent(
     """
@@ -27,22 +28,22 @@ PLAIN_FIT = textwrap.dedent(
     import numpy as np
     from petseg.model import build_unet, keras_module, make_optimizer, preprocess, preprocessing_for
     from petseg.model import segmentation_loss, segmentation_metrics
-    from petseg.data.reader import open_split
+    from petseg.data.reader import open_split_arrays
     from petseg.train.augment import augment
     import tensorflow as tf
 
     spec = json.loads(sys.argv[1])
     keras_module()
-    with open_split(spec["dataset"], split="train", fields=("image", "mask"), workers_count=1) as reader:
-        rows = list(reader)
-    images = np.stack([r.image for r in rows]); masks = np.stack([r.mask for r in rows]).astype("int32")
+    with open_split_arrays(spec["dataset"], split="train") as reader:
+        groups = list(reader)
+    images = np.concatenate([i for i, _ in groups]); masks = np.concatenate([m for _, m in groups]).astype("int32")
     prep = preprocessing_for(spec["encoder_weights"])
     # The same per-example work as the runner's pipeline: its augmentation, then preprocessing.
     ds = (tf.data.Dataset.from_tensor_slices((images, masks)).cache().shuffle(1000).repeat()
           .map(lambda i, m: augment(i, m, **spec["augment"]), num_parallel_calls=tf.data.AUTOTUNE)
           .map(lambda i, m: (preprocess(i, prep), m)).batch(spec["batch"], drop_remainder=True)
           .prefetch(tf.data.AUTOTUNE))
-    steps = len(rows) // spec["batch"]
+    steps = len(images) // spec["batch"]
     model = build_unet(image_size=spec["size"], n_depth=spec["n_depth"], encoder_weights=spec["encoder_weights"],
                        width=spec["width"], batch_norm_momentum=spec["batch_norm_momentum"])
     model.compile(optimizer=make_optimizer(learning_rate=1e-3, warmup_steps=steps, total_steps=2 * steps),
@@ -58,13 +59,16 @@ PLAIN_FIT = textwrap.dedent(
 
 
 def reader_rate(dataset: str, *, batch: int) -> dict[str, float]:
-    """Images/s of petastorm's row reader iterated in Python, and of training's reader into batched tf.data.
+    """Images/s of training's reader into batched tf.data and, where petastorm runs, of petastorm's row reader.
 
     Training reads with petseg's ArrayReader (whole row groups, decoded column-wise); petastorm's
-    make_reader, which open_split wraps, is the reference, alone and stacked into the same tf.data.
-    One reader each, after a warm-up pass, so TensorFlow's import and tracing are not timed; each
-    counts its rows against the split's.
+    make_reader, which open_split wraps, is the reference, alone and stacked into the same tf.data,
+    on the stacks where petastorm runs (pyarrow < 15). One reader each, after a warm-up pass, so
+    TensorFlow's import and tracing are not timed; each counts its rows against the split's.
     """
+    import importlib.util
+
+    import pyarrow
     import tensorflow as tf  # noqa: F401 - imported before timing
 
     from petseg.data.reader import make_tf_dataset, open_split, open_split_arrays
@@ -72,25 +76,29 @@ def reader_rate(dataset: str, *, batch: int) -> dict[str, float]:
     with open_split_arrays(dataset, split="train") as reader:
         for _ in make_tf_dataset(reader).batch(batch).take(2):
             pass
-
-    with open_split(dataset, split="train", fields=("image", "mask"), workers_count=1) as reader:
-        start = time.perf_counter()
-        n = sum(1 for _ in reader)
-        python_rate = n / (time.perf_counter() - start)
-        expected = reader.rows_per_epoch
     with open_split_arrays(dataset, split="train") as reader:
         start, m = time.perf_counter(), 0
         for images, _ in make_tf_dataset(reader).batch(batch):
             m += int(images.shape[0])
         tf_rate = m / (time.perf_counter() - start)
+        expected = reader.rows_per_epoch
+    if m != expected:
+        raise SystemExit(f"reader bench: read {m} of {expected} train rows")
+    rates = {"reader_tf_data_images_per_s": round(tf_rate, 1)}
+    if int(pyarrow.__version__.split(".")[0]) >= 15 or importlib.util.find_spec("petastorm") is None:
+        return rates
+    with open_split(dataset, split="train", fields=("image", "mask"), workers_count=1) as reader:
+        start = time.perf_counter()
+        n = sum(1 for _ in reader)
+        python_rate = n / (time.perf_counter() - start)
     with open_split(dataset, split="train", fields=("image", "mask"), workers_count=1) as reader:
         start, k = time.perf_counter(), 0
         for images, _ in make_tf_dataset(reader).batch(batch):
             k += int(images.shape[0])
         rows_tf_rate = k / (time.perf_counter() - start)
-    if {n, m, k} != {expected}:
-        raise SystemExit(f"reader bench: read {n}, {m} and {k} of {expected} train rows")
-    return {"reader_python_images_per_s": round(python_rate, 1), "reader_tf_data_images_per_s": round(tf_rate, 1),
+    if {n, k} != {expected}:
+        raise SystemExit(f"reader bench: petastorm read {n} and {k} of {expected} train rows")
+    return {**rates, "petastorm_rows_python_images_per_s": round(python_rate, 1),
             "petastorm_rows_tf_data_images_per_s": round(rows_tf_rate, 1)}
 
 
@@ -149,6 +157,7 @@ def main() -> None:
         "reader_image_size": 128, **rates,
         "goal_ratio": 0.9, "goal_reader_tf_data_images_per_s": 4000,
         "last_epoch": last,
+        "stack": versions(),
     }))
 
 

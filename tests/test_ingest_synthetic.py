@@ -102,21 +102,9 @@ def test_failed_write_leaves_the_old_output(spark, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_cli_demo_end_to_end(tmp_path):
-    """The console script, in its own process, as a user runs it (on a small count)."""
-    out = tmp_path / "demo"
+def test_the_console_script_fails_a_bad_value_with_exit_2_and_the_key():
+    """The demo itself, through the console script, is test_train.py's test_demo_learns."""
     env = {k: v for k, v in os.environ.items() if k != "PYSPARK_PYTHON"}
-    cmd = [sys.executable, "-m", "petseg.cli", "demo", f"data.dataset={out}", "data.synthetic_count=12",
-           "data.image_size=32", "spark.master=local[2]", "train.epochs=1", f"train.output_dir={tmp_path / 'run'}",
-           f"infer.output={tmp_path / 'masks'}", f"evaluate.output={tmp_path / 'eval'}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "ingest: read 12, written 12, rejected 0" in done.stdout
-    assert (out / "_common_metadata").exists()
-    # The demo goes on through all stages: train -> infer (every row) -> evaluate (the test split).
-    assert "infer: 12 rows, segmented 12, failed 0" in done.stdout
-    assert "evaluate: " in done.stdout and "mean IoU" in done.stdout
-    assert (tmp_path / "eval" / "metrics.json").exists() and (tmp_path / "masks").is_dir()
     bad = subprocess.run([sys.executable, "-m", "petseg.cli", "ingest", "data.image_size=tiny"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "data.image_size" in bad.stderr and "expected int" in bad.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import data_config, needs_spark4, run_spark4
+from conftest import data_config, load_job_config, needs_spark4, run_spark4
 
 from petseg.data import render
 from petseg.data.reader import first_rows, open_split, open_split_arrays, split_stats
@@ -116,6 +116,14 @@ def test_a_dataset_written_on_spark_4_reads_here_with_petastorm_and_equals_this_
     with open_split_arrays(theirs, split="train", shard=1, shard_count=2) as reader:
         assert sum(len(images) for images, _ in reader) == reader.rows_per_epoch > 0
     assert first_rows(theirs, split="test", count=2)[1].shape == (2, 32, 32, 3)
+    # The model trained there, evaluated here on the dataset ingested there: Spark 4's figures.
+    from petseg.evaluate import run_evaluate
+
+    run = pipeline["root"] / "run"
+    here = run_evaluate(spark, evaluate=load_job_config("evaluate", f"evaluate.model={run}", f"evaluate.dataset={theirs}",
+                                                        f"evaluate.output={tmp_path / 'eval'}").evaluate)
+    there = json.loads((pipeline["root"] / "eval" / "metrics.json").read_text())
+    assert here.images == there["images"] and here.metrics.confusion == there["metrics"]["confusion"]
 
 
 def test_a_dataset_petastorm_wrote_here_trains_and_evaluates_on_spark_4(spark, oxford, tmp_path):

@@ -343,6 +343,7 @@ def test_demo_learns(tmp_path):
     final = json.loads((tmp_path / "run" / "history.json").read_text())[-1]
     assert final["val_pixel_accuracy"] >= 0.90, final
     assert min(final["val_iou_pet"], final["val_iou_background"], final["val_iou_border"]) > 0, final
+    assert "ingest: read 400, written 400, rejected 0" in done.stdout and (tmp_path / "pets" / "_common_metadata").exists()
     assert "train: 20 epochs on 2 worker(s)" in done.stdout
     assert "infer: 400 rows, segmented 400, failed 0" in done.stdout
     # The evaluation job measures the exported model over the whole test split, as training's

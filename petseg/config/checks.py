@@ -85,16 +85,16 @@ def _model_location(cfg: Config, value: str, *, key: str) -> str:
     return value
 
 
-#: The jobs that run over Spark Connect. Ingest writes with Petastorm (pyarrow < 15, a JVM gateway)
-#: and training runs MirroredStrategyRunner's RDD barrier stage: neither exists over Connect.
+#: The jobs that run over Spark Connect. Ingest's sources build RDDs and its petastorm writer needs the
+#: JVM gateway; training runs MirroredStrategyRunner's RDD barrier stage: none exists over Connect.
 CONNECT_JOBS = ("infer", "evaluate")
 
 
 #: Why the other jobs cannot run over Spark Connect.
 _CLASSIC_ONLY = {
-    "ingest": "ingest writes its dataset with Petastorm through the JVM gateway",
+    "ingest": "ingest's sources build RDDs and petastorm's writer needs the JVM gateway",
     "train": "training runs MirroredStrategyRunner's RDD barrier stage",
-    "demo": "the demo ingests with Petastorm and trains in an RDD barrier stage",
+    "demo": "the demo ingests through RDDs and trains in an RDD barrier stage",
 }
 
 
@@ -104,8 +104,8 @@ def _validate_remote(remote: str, *, job: str) -> None:
         raise ConfigError(
             f"spark.remote={remote!r}: `petseg {job}` needs a classic (dedicated) cluster: "
             f"{_CLASSIC_ONLY.get(job, 'it is not one of ' + ', '.join(CONNECT_JOBS))}, which Spark Connect does not "
-            "offer. Unset spark.remote and run it on a classic cluster (Databricks Runtime 15.4 LTS ML, dedicated "
-            f"access mode); over Spark Connect petseg runs {' and '.join(CONNECT_JOBS)}"
+            "offer. Unset spark.remote and run it on a classic cluster (Databricks Runtime 15.4, 16.4 or 17.3 LTS ML, "
+            f"dedicated access mode); over Spark Connect petseg runs {' and '.join(CONNECT_JOBS)}"
         )
 
 

@@ -37,7 +37,7 @@ FORMAT = "petseg-model/1"
 #: The folder of the SavedModel inside a run folder.
 MODEL_FOLDER = "model"
 #: Packages whose versions a model records: what it takes to load it, and to retrain it.
-_VERSIONED = ("petseg", "tensorflow", "tf_keras", "petastorm", "pyspark", "numpy")
+_VERSIONED = ("petseg", "tensorflow", "tf_keras", "petastorm", "pyspark", "pyarrow", "numpy")
 
 
 @dataclass(frozen=True)
@@ -120,11 +120,17 @@ def write_metadata(
         "dataset": dataset,
         "training": dict(training or {}),
         "final_metrics": dict(final_metrics or {}),
-        "versions": {"python": platform.python_version(), **{p: _version(p) for p in _VERSIONED}},
+        "versions": versions(),
     }
     path = Path(run_dir) / METADATA_FILE
     path.write_text(json.dumps(meta, indent=2))
     return path
+
+
+def versions() -> dict[str, str | None]:
+    """Python's version and each of :data:`_VERSIONED`'s (None where it is not installed): the stack
+    a model was trained on, or a benchmark ran on."""
+    return {"python": platform.python_version(), **{p: _version(p) for p in _VERSIONED}}
 
 
 def _version(package: str) -> str | None:
