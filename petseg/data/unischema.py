@@ -222,11 +222,12 @@ def write_common_metadata(dataset_url: str, fields: Sequence[Field], *, name: st
     if not files:
         raise ValueError(f"{dataset_url} holds no Parquet data files to describe; nothing was written there")
     counts: dict[str, int] = {}
+    schema = None
     for path in files:
         with filesystem.open_input_file(path) as f:
-            counts[posixpath.relpath(path, root)] = pq.ParquetFile(f).metadata.num_row_groups
-    with filesystem.open_input_file(files[0]) as f:
-        schema = pq.read_schema(f)
+            footer = pq.ParquetFile(f)
+            counts[posixpath.relpath(path, root)] = footer.metadata.num_row_groups
+            schema = footer.schema_arrow if schema is None else schema
     schema = schema.with_metadata({**(schema.metadata or {}), UNISCHEMA_KEY: unischema_pickle(fields, name=name),
                                    ROW_GROUPS_PER_FILE_KEY: json.dumps(counts).encode()})
     with filesystem.open_output_stream(posixpath.join(root, COMMON_METADATA)) as f:
