@@ -19,6 +19,7 @@ from petseg.io.urls import (
     is_table_name,
     normalize_url,
     on_shared_mount,
+    overlap,
     petastorm_url,
 )
 
@@ -62,6 +63,7 @@ def validate(cfg: Config, *, job: str = "ingest") -> None:
     if cfg.mlflow.enabled and {"train", "infer"} & set(sections):
         _require(_has_mlflow(), "mlflow.enabled", True,
                  "false, or install MLflow first (pip install 'petseg[mlflow]'; Databricks runtimes have it)")
+    _refuse_overlaps(cfg, sections)
     if "train" in sections and cfg.mlflow.registered_model_name is not None:
         _require(bool(cfg.mlflow.registered_model_name.strip()), "mlflow.registered_model_name",
                  cfg.mlflow.registered_model_name, "a registered model name (catalog.schema.model in Unity Catalog), or null")
@@ -271,6 +273,60 @@ def _validate_evaluate(cfg: Config) -> None:
     e.model = _model_location(cfg, str(e.model), key="evaluate.model")
     e.dataset = _location(cfg, str(e.dataset), key="evaluate.dataset")
     e.output = _location(cfg, str(e.output), key="evaluate.output")
+
+
+def _stage_locations(cfg: Config, section: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The folders a stage reads (inputs, the model) and those it writes, by key, as validated URLs."""
+    if section == "data":
+        inputs = {} if cfg.data.source is Source.synthetic else {"data.input": normalize_url(str(cfg.data.input),
+                                                                                              key="data.input")}
+        return inputs, {"data.dataset": str(cfg.data.dataset), "data.rejects": str(cfg.data.rejects)}
+    if section == "train":
+        return {"data.dataset": str(cfg.data.dataset)}, {"train.output_dir": str(cfg.train.output_dir)}
+    if section == "infer":
+        i = cfg.infer
+        inputs = {"infer.model": str(i.model)} if not is_mlflow_uri(str(i.model)) else {}
+        if i.input_format is not InputFormat.table:
+            inputs["infer.input"] = str(i.input)
+        outputs = {} if is_table_name(str(i.output)) else {"infer.output": str(i.output)}
+        if i.checkpoint is not None:
+            outputs["infer.checkpoint"] = str(i.checkpoint)
+        return inputs, outputs
+    if section == "evaluate":
+        e = cfg.evaluate
+        inputs = {"evaluate.dataset": str(e.dataset)}
+        if not is_mlflow_uri(str(e.model)):
+            inputs["evaluate.model"] = str(e.model)
+        return inputs, {"evaluate.output": str(e.output)}
+    return {}, {}
+
+
+def _refuse_overlaps(cfg: Config, sections: tuple[str, ...]) -> None:
+    """Refuse an output that is, contains or lies inside one of its stage's inputs or other outputs.
+
+    Every output is published by replacing its folder whole, so an output over an input (a photo
+    folder, a training run given as the model) would delete it, and two outputs in one folder would
+    delete each other. Checked before Spark starts. The one nesting allowed is a streaming query's
+    checkpoint inside its own output folder, where petseg puts it by default.
+    """
+    for section in sections:
+        inputs, outputs = _stage_locations(cfg, section)
+        for out_key, out in outputs.items():
+            for other_key, other in [*inputs.items(), *outputs.items()]:
+                if other_key == out_key:
+                    continue
+                relation = overlap(out, other)
+                if relation is None or (out_key, other_key, relation) == ("infer.checkpoint", "infer.output", "lies inside"):
+                    continue
+                if (out_key, other_key, relation) == ("infer.output", "infer.checkpoint", "contains"):
+                    continue
+                what = "an input" if other_key in inputs else "another output"
+                said = "is the same folder as" if relation == "is" else relation
+                raise ConfigError(
+                    f"{out_key}={out!r} {said} {other_key}={other!r}, {what} of the same job: petseg replaces "
+                    f"{out_key}'s folder whole when it publishes, which would delete or mix with {other_key}; choose "
+                    f"a {out_key} that neither is, holds nor lies inside {other_key}"
+                )
 
 
 def runs_on_one_machine(master: str | None) -> bool:

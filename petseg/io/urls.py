@@ -28,6 +28,7 @@ Who handles what
 
 from __future__ import annotations
 
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -152,6 +153,39 @@ def is_plain_path(url: str) -> bool:
 def on_shared_mount(path: str) -> bool:
     """Whether an absolute local path lies under one of :data:`SHARED_MOUNTS` (``/dbfs/x``, ``/Volumes/x``)."""
     return any(path == mount or path.startswith(mount + "/") for mount in SHARED_MOUNTS)
+
+
+#: Schemes that name the same storage (Hadoop's s3a:// and pyarrow's s3:// are one bucket).
+_SAME_STORAGE = {"s3a": "s3", "gcs": "gs"}
+
+
+def place(url: str) -> tuple[str, str, tuple[str, ...]]:
+    """Where a normalised URL points, comparable with another's: (scheme, authority, path parts).
+
+    The path ends before its first glob component (a glob's files lie under that folder), and a local
+    one is resolved through symbolic links, so ``/tmp/x`` and a link to it are the same place.
+    """
+    parts = split_url(url)
+    path = parts.path
+    if parts.scheme == "file":
+        path = os.path.realpath(path)
+    components = [c for c in path.split("/") if c]
+    glob_at = next((i for i, c in enumerate(components) if any(g in c for g in "*?[{")), len(components))
+    return _SAME_STORAGE.get(parts.scheme, parts.scheme), parts.authority, tuple(components[:glob_at])
+
+
+def overlap(a: str, b: str) -> str | None:
+    """How the location ``a`` relates to ``b``: "is", "contains", "lies inside", or None when apart."""
+    pa, pb = place(a), place(b)
+    if pa[:2] != pb[:2]:
+        return None
+    if pa[2] == pb[2]:
+        return "is"
+    if pb[2][: len(pa[2])] == pa[2]:
+        return "contains"
+    if pa[2][: len(pb[2])] == pb[2]:
+        return "lies inside"
+    return None
 
 
 def local_path(url: str) -> Path:
