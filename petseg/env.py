@@ -133,17 +133,25 @@ def prepare_process_environment(*, master: str | None) -> None:
 
     TF_USE_LEGACY_KERAS selects tf-keras; TF_CPP_MIN_LOG_LEVEL and PYTHONWARNINGS quiet TensorFlow's
     C++ log and petastorm's FutureWarnings in the processes this one starts (a local master's Python
-    workers, training processes). For a local master (``local[...]``), PYSPARK_PYTHON makes the
-    executors run this interpreter (else they run ``python3`` from PATH, which lacks petseg's
-    packages). Any other master, or none (spark-submit, YARN, Kubernetes, Databricks), has executors
-    on other machines, where this interpreter's path means nothing: their Python is the cluster's to
-    set (``spark.pyspark.python``). Values a user set are kept.
+    workers, training processes). For a local master (``local[...]``), and for none outside
+    spark-submit and Databricks (:func:`spark_master_chosen_elsewhere`), where pyspark's default is
+    ``local[*]``, PYSPARK_PYTHON makes the executors run this interpreter (else they run ``python3``
+    from PATH, which lacks petseg's packages when ``.venv/bin/petseg`` runs without the venv
+    activated). Any other master (YARN, Kubernetes, a standalone cluster), or none chosen by a
+    launcher, has executors on other machines, where this interpreter's path means nothing: their
+    Python is the cluster's to set (``spark.pyspark.python``). Values a user set are kept.
+
+    Parameters
+    ----------
+    master
+        ``spark.master``; None when the config leaves it to the launcher or to pyspark's default.
     """
     _tensorflow_defaults()  # inherited by a local master's Python workers
     # petastorm's own tasks (materialize_dataset's, the readers') run in Python workers, where
     # petseg cannot call warnings.filterwarnings first; see ignore_petastorm_pyarrow_deprecations.
     os.environ.setdefault("PYTHONWARNINGS", ",".join(f"ignore::FutureWarning:{m}" for m in PETASTORM_WARNING_MODULES))
-    if master is not None and master.startswith("local"):
+    local = not spark_master_chosen_elsewhere() if master is None else master.startswith("local")
+    if local:
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
 

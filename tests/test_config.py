@@ -119,13 +119,32 @@ def test_infer_and_evaluate_sections():
 
 
 @pytest.mark.parametrize("master,expected", [("local[2]", sys.executable), ("local-cluster[2,1,1024]", sys.executable),
-                                             (None, None), ("yarn", None), ("spark://host:7077", None)])
+                                             ("yarn", None), ("spark://host:7077", None)])
 def test_executors_python_is_this_interpreter_for_local_masters_only(monkeypatch, master, expected):
     from petseg import env
 
     monkeypatch.delenv("PYSPARK_PYTHON", raising=False)
     env.prepare_process_environment(master=master)
     assert os.environ.get("PYSPARK_PYTHON") == expected
+
+
+@pytest.mark.parametrize("launcher,expected", [(None, sys.executable), ("PYSPARK_GATEWAY_PORT", None),
+                                               ("DATABRICKS_RUNTIME_VERSION", None)])
+def test_a_null_master_outside_a_launcher_is_pysparks_local_default_and_runs_this_interpreter(monkeypatch, launcher,
+                                                                                              expected):
+    """`.venv/bin/petseg ingest` from a shell without the venv: pyspark's default local[*] session, whose workers
+    would otherwise run the `python3` on PATH (no pandas); under spark-submit or Databricks the cluster decides."""
+    from petseg import env
+
+    for name in ("PYSPARK_PYTHON", "PYSPARK_GATEWAY_PORT", "DATABRICKS_RUNTIME_VERSION"):
+        monkeypatch.delenv(name, raising=False)
+    if launcher:
+        monkeypatch.setenv(launcher, "1")
+    env.prepare_process_environment(master=None)
+    assert os.environ.get("PYSPARK_PYTHON") == expected
+    monkeypatch.setenv("PYSPARK_PYTHON", "/opt/python/bin/python3")  # the user's choice wins
+    env.prepare_process_environment(master=None)
+    assert os.environ["PYSPARK_PYTHON"] == "/opt/python/bin/python3"
 
 
 def test_a_spark_conf_override_keeps_its_dotted_key_whole():
