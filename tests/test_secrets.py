@@ -25,6 +25,21 @@ SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
         ("infer.key_column", False),
         ("spark.executorEnv.TF_USE_LEGACY_KERAS", False),
         ("spark.hadoop.fs.azure.account.auth.type", False),
+        # Keys whose names say only what the value unlocks: an encryption key, a connection string, an API key.
+        ("spark.hadoop.fs.s3a.encryption.key", True),
+        ("spark.hadoop.fs.s3a.bucket.pets.encryption.key", True),
+        ("spark.hadoop.fs.s3a.server-side-encryption.key", True),
+        ("spark.hadoop.fs.gs.encryption.key", True),
+        ("spark.hadoop.fs.azure.storage.connection_string", True),
+        ("spark.hadoop.azure.connection_string", True),
+        ("spark.cosmos.connectionString", True),
+        ("spark.executorEnv.WANDB_API_KEY", True),
+        ("spark.executorEnv.SERVICE_APIKEY", True),
+        ("spark.hadoop.fs.cosn.userinfo.apiKey", True),
+        ("spark.hadoop.fs.s3a.encryption.algorithm", False),
+        ("spark.io.encryption.keySizeBits", False),
+        ("spark.io.encryption.keygen.algorithm", False),
+        ("data.image_size", False),
     ],
 )
 def test_credential_keys_are_told_apart_by_name(key, secret):

@@ -182,9 +182,14 @@ def to_dict(cfg: Config | Any) -> dict[str, Any]:
 
 #: What a credential's conf key holds: ``fs.s3a.secret.key``, ``fs.s3a.access.key``,
 #: ``fs.azure.account.key.<account>``, ``fs.azure.sas.<container>.<account>``, ``*password*``, ``*token*``,
-#: ``*.private.key*``, ``*credential*``. A plain ``key`` (``infer.key_column``) is not one.
+#: ``*.private.key*``, ``*credential*``; and keys named only by what they unlock: ``fs.s3a.encryption.key``,
+#: ``fs.gs.encryption.key``, ``*connection_string`` (an Azure connection string carries the account key),
+#: ``*api_key`` / ``*apikey``. A plain ``key`` (``infer.key_column``) is not one, and neither is a key about
+#: encryption keys (``spark.io.encryption.keySizeBits``, ``fs.s3a.encryption.algorithm``): the encryption
+#: key must end its word.
 _SECRET_KEY = re.compile(
-    r"secret|passw(or)?d|token|credential|private[._]?key|access[._]?key|account[._]key|(^|[._])sas([._]|$)",
+    r"secret|passw(or)?d|token|credential|private[._]?key|access[._]?key|account[._]key|(^|[._])sas([._]|$)"
+    r"|encryption[._-]key([._-]|$)|connection[._-]?string|api[._-]?key",
     re.IGNORECASE,
 )
 #: What a redacted value reads as.
