@@ -3,9 +3,12 @@
 
 import json
 import os
+import re
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -147,7 +150,7 @@ def test_a_missing_model_fails_on_the_driver_before_the_input_is_read(spark, tra
 def test_registering_needs_tracking_on(tmp_path):
     with pytest.raises(ConfigError, match=r"mlflow.registered_model_name='pets' is not allowed; use null, or set "
                                           r"mlflow.enabled=true"):
-        load_job_config("train", f"data.dataset={tmp_path}", f"train.output_dir={tmp_path / 'run'}", *TINY,
+        load_job_config("train", f"data.dataset={tmp_path / 'pets'}", f"train.output_dir={tmp_path / 'run'}", *TINY,
                         "mlflow.registered_model_name=pets")
 
 
@@ -219,3 +222,91 @@ def test_a_fetch_marks_its_model_used_and_a_new_download_removes_models_unused_f
     registry.fetch(pinned)  # a download: it prunes
     assert (folder / "MLmodel").is_file() and recent.is_dir() and not stale.exists() and not scratch.exists()
     shutil.rmtree(recent)
+
+
+def register_tiny_model(client, name: str, content: str) -> str:
+    """Register a new version of ``name`` whose model is one MLmodel file holding ``content``: all the node
+    cache looks at, without TensorFlow or Spark. Its URI."""
+    run = client.create_run(client.get_experiment_by_name("petseg-cache").experiment_id)
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "MLmodel").write_text(content)
+        client.log_artifacts(run.info.run_id, folder, artifact_path="model")
+    client.set_terminated(run.info.run_id)
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name)
+    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    return f"models:/{name}/{version.version}"
+
+
+def pin_tiny(uri: str, tracking: str) -> registry.MlflowModel:
+    """``uri`` pinned on the local store, its registry named. Run alone, these tests leave MLflow's process-wide
+    servers at its defaults, and registry._servers puts the default registry back after a fetch as an explicit
+    setting, which a later pin without registry_uri would then take instead of the tracking store's."""
+    return registry.pin(uri, tracking_uri=tracking, registry_uri=tracking)
+
+
+@pytest.fixture
+def node_tmp(tmp_path, monkeypatch, client):
+    """This test's own temporary folder as Python's (``tempfile.tempdir``), so that the node cache it plants
+    things in is not the machine's; and an experiment for :func:`register_tiny_model`."""
+    if client.get_experiment_by_name("petseg-cache") is None:
+        client.create_experiment("petseg-cache")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("prepared", ["writable by everyone", "a link to a folder of theirs"])
+def test_a_model_cache_another_user_prepared_is_refused_not_loaded(node_tmp, client, tracking, prepared):
+    """On a shared node another user can make the cache folder first and put a SavedModel of their own in it,
+    which is code the victim's tasks would run."""
+    pinned = pin_tiny(register_tiny_model(client, "petseg-test-planted", "flavors: {}\n"), tracking)
+    cache = registry.cache_folder(pinned).parent
+    theirs = node_tmp / "theirs" if prepared.startswith("a link") else cache
+    (theirs / registry.cache_folder(pinned).name).mkdir(parents=True)
+    (theirs / registry.cache_folder(pinned).name / "MLmodel").write_text("planted")
+    if theirs != cache:
+        cache.symlink_to(theirs)
+    else:
+        os.chmod(cache, 0o777)
+    problem = "is a symbolic link" if theirs != cache else "is writable by other users"
+    with pytest.raises(InputError, match=rf"^the model cache {re.escape(str(cache))} {problem}.* remove it"):
+        registry.fetch(pinned)
+    assert (theirs / registry.cache_folder(pinned).name / "MLmodel").read_text() == "planted"
+
+
+def test_a_model_cache_folder_owned_by_another_user_is_refused(node_tmp):
+    me = os.getuid()
+    mine = registry.cache_root()
+    assert mine == node_tmp / f"petseg-models-{me}" and stat.S_IMODE(mine.stat().st_mode) == 0o700
+    # Another user (uid me + 1) runs a job on this node after this one made that user's folder.
+    (node_tmp / f"petseg-models-{me + 1}").mkdir(mode=0o700)
+    with pytest.raises(InputError, match=rf"^the model cache {re.escape(str(node_tmp))}/petseg-models-{me + 1} belongs "
+                                         rf"to uid {me}, not to this process's uid {me + 1}.* remove it"):
+        registry.cache_root(uid=me + 1)
+
+
+@pytest.mark.parametrize("record", [None, {"uri": "models:/petseg-test-stale/2", "version": "2"}])
+def test_a_cached_model_not_recorded_as_the_version_asked_for_is_fetched_again(node_tmp, client, tracking, record):
+    """A folder a killed or pre-record fetch left (no record), or one fetched for another version, is never loaded."""
+    pinned = pin_tiny(register_tiny_model(client, "petseg-test-stale", "flavors: {}\n"), tracking)
+    folder = registry.cache_folder(pinned)
+    folder.parent.mkdir(mode=0o700)
+    folder.mkdir()
+    (folder / "MLmodel").write_text("another model")
+    if record is not None:
+        (folder / ".petseg-fetched.json").write_text(json.dumps(record))
+    assert registry.fetch(pinned) == folder
+    assert (folder / "MLmodel").read_text() == "flavors: {}\n"
+    assert json.loads((folder / ".petseg-fetched.json").read_text())["uri"] == pinned.uri
+    assert sorted(p.name for p in folder.parent.iterdir() if p.is_dir()) == [folder.name]  # nothing set aside is left
+
+
+def test_a_version_number_registered_again_is_fetched_again(node_tmp, client, tracking):
+    """A registered model deleted and registered again restarts at version 1: the same URI, another model."""
+    first = pin_tiny(register_tiny_model(client, "petseg-test-again", "flavors: {}\n# first\n"), tracking)
+    assert (registry.fetch(first) / "MLmodel").read_text().endswith("# first\n")
+    client.delete_registered_model("petseg-test-again")
+    uri = register_tiny_model(client, "petseg-test-again", "flavors: {}\n# second\n")
+    again = pin_tiny(uri, tracking)
+    assert again.uri == first.uri == "models:/petseg-test-again/1"
+    assert (registry.fetch(again) / "MLmodel").read_text().endswith("# second\n")
