@@ -27,6 +27,7 @@ from petseg.env import prepare_task_environment
 from petseg.errors import InputError, RejectedInput
 from petseg.infer.job import check_gpu_task_slots
 from petseg.io.fs import storage_for
+from petseg.io.publish import atomic_output, check_replaceable, verify
 from petseg.model import artifact
 from petseg.session import task_cpus
 
@@ -170,11 +171,13 @@ def run_evaluate(
     classes = model.classes
     dataset, split = str(evaluate.dataset), evaluate.split
     storage = storage_for(spark)
+    check_replaceable(storage, str(evaluate.output), kind="evaluation", key="evaluate.output")
     if not storage.exists(f"{dataset.rstrip('/')}/{SPLIT}={split}"):
         raise InputError(
             f"evaluate.dataset={dataset!r} has no {SPLIT}={split} folder; point it at a dataset written by "
             "`petseg ingest` (or set evaluate.split)"
         )
+    verify(dataset, kind="dataset", key="evaluate.dataset")  # whole, and one run's files only
     rows = spark.read.parquet(dataset).where(F.col(SPLIT) == split).select("id", "image", "mask")
     threads = task_cpus(spark)
     columns = _confusion_columns(len(classes))
@@ -211,10 +214,11 @@ def run_evaluate(
     )
     preview = _preview(rows, evaluate, model=model, max_image_pixels=max_image_pixels) \
         if evaluate.preview_images else None
-    with storage.atomic_output(str(evaluate.output)) as tmp:
-        storage.write_bytes(f"{tmp}/{METRICS_FILE}", report.to_json().encode())
+    with atomic_output(storage, str(evaluate.output), kind="evaluation", key="evaluate.output") as staged:
+        storage.write_bytes(f"{staged.url}/{METRICS_FILE}", report.to_json().encode())
         if preview is not None:
-            storage.write_bytes(f"{tmp}/{PREDICTIONS_FILE}", preview)
+            storage.write_bytes(f"{staged.url}/{PREDICTIONS_FILE}", preview)
+        staged.rows = {"images": images, **failed}
     log.info("evaluate wrote %s", evaluate.output)
     return report
 

@@ -8,6 +8,8 @@ from conftest import data_config, load_job_config
 
 from petseg.errors import InputError
 from petseg.evaluate import Metrics, confusion_matrix, run_evaluate
+from petseg.io import publish
+from petseg.io.fs import ArrowStorage
 
 
 def test_metrics_from_a_confusion_matrix():
@@ -48,11 +50,11 @@ def test_job_equals_numpy_on_the_same_data(spark, exported_run, tmp_path):
 
 
 def test_job_errors(spark, exported_run, tmp_path):
-    cfg = load_job_config("evaluate", f"evaluate.model={exported_run}", f"evaluate.dataset={tmp_path}",
+    cfg = load_job_config("evaluate", f"evaluate.model={exported_run}", f"evaluate.dataset={tmp_path / 'd'}",
                           f"evaluate.output={tmp_path / 'e'}")
     with pytest.raises(InputError, match="has no split=test folder; point it at a dataset written by `petseg ingest`"):
         run_evaluate(spark, evaluate=cfg.evaluate)
-    cfg = load_job_config("evaluate", f"evaluate.model={tmp_path / 'nope'}", f"evaluate.dataset={tmp_path}",
+    cfg = load_job_config("evaluate", f"evaluate.model={tmp_path / 'nope'}", f"evaluate.dataset={tmp_path / 'd'}",
                           f"evaluate.output={tmp_path / 'e'}")
     with pytest.raises(InputError, match="does not exist"):
         run_evaluate(spark, evaluate=cfg.evaluate)
@@ -70,6 +72,7 @@ def test_rows_over_the_pixel_limit_are_counted_not_fatal(spark, exported_run, tm
                           "mask": [render.encode_png(decode.resize_mask(p.trimap - 1, 32)) for p in pets]})
     (tmp_path / "pets" / "split=test").mkdir(parents=True)
     frame.to_parquet(tmp_path / "pets" / "split=test" / "part-0.parquet")
+    publish.write_manifest(ArrowStorage(), publish.Staged((tmp_path / "pets").as_uri()), kind="dataset")
     cfg = load_job_config("evaluate", f"evaluate.model={exported_run}", f"evaluate.dataset={tmp_path / 'pets'}",
                           f"evaluate.output={tmp_path / 'eval'}", "data.max_image_pixels=5000")
     report = run_evaluate(spark, evaluate=cfg.evaluate, max_image_pixels=cfg.data.max_image_pixels)

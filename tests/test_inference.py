@@ -273,23 +273,23 @@ def open_split_rows(url: str):
 
 def test_job_fails_at_once_on_a_bad_model_or_input(spark, run_dir, tmp_path):
     with pytest.raises(InputError, match="does not exist; pass a training run's train.output_dir"):
-        _infer(spark, f"infer.model={tmp_path / 'nope'}", f"infer.input={tmp_path}", f"infer.output={tmp_path / 'o'}")
+        _infer(spark, f"infer.model={tmp_path / 'nope'}", f"infer.input={tmp_path}", f"infer.output={tmp_path.parent / (tmp_path.name + '_o')}")
     with pytest.raises(InputError, match="is not a petseg model"):
-        _infer(spark, f"infer.model={tmp_path}", f"infer.input={tmp_path}", f"infer.output={tmp_path / 'o'}")
+        _infer(spark, f"infer.model={tmp_path}", f"infer.input={tmp_path}", f"infer.output={tmp_path.parent / (tmp_path.name + '_o')}")
     with pytest.raises(InputError, match="is not a local path"):
         artifact.resolve("hdfs://nn/runs/r1")
     src = tmp_path / "t.parquet"
     spark.createDataFrame([("a", b"x", "e")], "id string, bytes binary, error string").write.parquet(str(src))
     with pytest.raises(InputError, match="infer.image_column='image' is not a binary column.*binary columns there: bytes"):
-        _infer(spark, f"infer.model={run_dir}", f"infer.input={src}", f"infer.output={tmp_path / 'o'}")
+        _infer(spark, f"infer.model={run_dir}", f"infer.input={src}", f"infer.output={tmp_path.parent / (tmp_path.name + '_o')}")
     with pytest.raises(InputError, match="key column 'error' has the name of an output column"):
         _infer(spark, f"infer.model={run_dir}", f"infer.input={src}", "infer.image_column=bytes", "infer.key_column=error",
-               f"infer.output={tmp_path / 'o'}")
+               f"infer.output={tmp_path.parent / (tmp_path.name + '_o')}")
     with pytest.raises(InputError, match="matches no files"):
-        _infer(spark, f"infer.model={run_dir}", f"infer.input={tmp_path}/*.jpg", f"infer.output={tmp_path / 'o'}")
+        _infer(spark, f"infer.model={run_dir}", f"infer.input={tmp_path}/*.jpg", f"infer.output={tmp_path.parent / (tmp_path.name + '_o')}")
     with pytest.raises(config.ConfigError, match="infer.output=None is not allowed"):
         _infer(spark, f"infer.model={run_dir}", f"infer.input={src}")
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path.parent / (tmp_path.name + "_o")).exists()
 
 
 def test_listing_follows_hadoop_globs_and_spark_hidden_names(tmp_path):

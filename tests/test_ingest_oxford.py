@@ -86,8 +86,8 @@ def test_nothing_valid_fails_after_writing_rejects_and_keeps_old_dataset(spark, 
     for jpg in (root / "images").glob("*.jpg"):
         jpg.write_bytes(b"")
     out = tmp_path / "pets"
-    old = out / "old-marker.txt"
-    out.mkdir()
+    old = out / "_common_metadata"  # a dataset of a petseg release before manifests
+    (out / "split=train").mkdir(parents=True)
     old.write_text("the previous dataset")
     data = data_config(source="oxford", input=str(root), dataset=str(out))
     with pytest.raises(InputError, match="no valid example remains out of 2 read.*image_empty"):

@@ -1,8 +1,10 @@
 """Synthetic ingest, the Petastorm -> tf.data round trip, row-group layout and atomic re-runs."""
 
+import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from conftest import data_config
 
 from petseg.data import decode, render
 from petseg.data.reader import make_tf_dataset, open_split, row_groups_per_split
+from petseg.errors import InputError
 from petseg.ingest.convert import run_ingest
 
 COUNT = 40
@@ -83,23 +86,16 @@ def test_rerun_replaces_cleanly(spark, tmp_path):
     assert sum(report.written.values()) == 4
     second = parts()
     assert first and second and not first & second  # no data file of the old run survives
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pets"]  # no temporary or backup folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pets", "pets_rejects"]  # no temporary, old or lock left
     with open_split(data.dataset, split="train", fields=("id",)) as reader:
         assert len(list(reader)) == report.written["train"]
-
-
-def test_failed_write_leaves_the_old_output(spark, tmp_path):
-    from petseg.io.fs import storage_for
-
-    target = tmp_path / "out"
-    target.mkdir()
-    (target / "keep.txt").write_text("old")
-    with pytest.raises(RuntimeError, match="boom"):
-        with storage_for(spark).atomic_output(target.as_uri()) as tmp:
-            spark.range(3).write.parquet(tmp)
-            raise RuntimeError("boom")
-    assert [p.name for p in target.iterdir()] == ["keep.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # A dataset that cannot be published (another job writes it) leaves this run's dataset and rejects as a pair.
+    rejects = sorted(p.name for p in (tmp_path / "pets_rejects").iterdir())
+    (tmp_path / "pets.petseg-lock").write_text(json.dumps({"host": "h", "pid": 1, "id": "x", "refreshed": time.time()}))
+    data.synthetic_count = 8
+    with pytest.raises(InputError, match="is being written by another job"):
+        run_ingest(spark, data=data)
+    assert parts() == second and sorted(p.name for p in (tmp_path / "pets_rejects").iterdir()) == rejects
 
 
 def test_the_console_script_fails_a_bad_value_with_exit_2_and_the_key():

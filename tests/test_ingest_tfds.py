@@ -60,7 +60,8 @@ def test_ingest_from_prepared_data_dir(spark, tfds_dir, tmp_path):
 
 
 def test_unprepared_data_dir_says_how_to_prepare(spark, tmp_path):
-    data = data_config(source="tfds", input=str(tmp_path), dataset=str(tmp_path / "pets"))
+    (tmp_path / "tfds").mkdir()
+    data = data_config(source="tfds", input=str(tmp_path / "tfds"), dataset=str(tmp_path / "pets"))
     with pytest.raises(InputError, match=r"no prepared TFDS dataset 'oxford_iiit_pet'.*tfds build oxford_iiit_pet"):
         run_ingest(spark, data=data)
 

@@ -1,11 +1,13 @@
 """Every scheme ingest writes, the later stages read: one route per scheme, through petseg.io."""
 
+import contextlib
 import os
 
 import pytest
 
 from petseg.data.reader import open_split, split_stats
 from petseg.io import urls
+from petseg.io.publish import atomic_output
 
 
 @pytest.mark.parametrize(
@@ -101,15 +103,12 @@ def test_both_storages_check_glob_write_and_publish_alike(spark, tmp_path, kind)
     assert storage.glob(f"{url}/nope", "*.parquet") == []
 
     out = tmp_path / "out"
-    storage.write_bytes(f"{out.as_uri()}/report.json", b"old")
-    with pytest.raises(RuntimeError, match="boom"):
-        with storage.atomic_output(out.as_uri()) as tmp:
-            storage.write_bytes(f"{tmp}/report.json", b"half")
-            raise RuntimeError("boom")
-    assert (out / "report.json").read_bytes() == b"old"
-    with storage.atomic_output(out.as_uri()) as tmp:
-        storage.write_bytes(f"{tmp}/report.json", b"new")
-    assert (out / "report.json").read_bytes() == b"new"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tree"]  # no temporary or old folder left
+    for content in (b"old", b"half", b"new"):
+        with contextlib.suppress(RuntimeError), atomic_output(storage, out.as_uri(), kind="evaluation", key="k") as staged:
+            storage.write_bytes(f"{staged.url}/metrics.json", content)
+            if content == b"half":
+                raise RuntimeError("boom")
+        assert (out / "metrics.json").read_bytes() == (b"new" if content == b"new" else b"old")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tree"]  # no temporary, old or lock file left
     storage.delete(out.as_uri())
     assert not out.exists()

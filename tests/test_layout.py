@@ -113,7 +113,7 @@ def test_jobs_end_a_bad_configuration_with_one_line(job):
 
 def test_a_job_ends_bad_input_with_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "jobs" / "infer.py"), "spark.master=local[1]",
-                           f"infer.model={tmp_path / 'no-run'}", f"infer.input={tmp_path}", f"infer.output={tmp_path / 'o'}"],
+                           f"infer.model={tmp_path / 'no-run'}", f"infer.input={tmp_path / 'in'}", f"infer.output={tmp_path / 'o'}"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYSPARK_PYTHON": sys.executable})
     assert done.returncode == 1, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
@@ -125,7 +125,7 @@ def test_a_job_under_spark_submit_ends_bad_input_with_one_line_below_the_jvms_sh
     # line; it also relays Python's stderr on its stdout. So the console is both streams, as written.
     submit = Path(sys.executable).parent / "spark-submit"
     done = subprocess.run([str(submit), "--master", "local[1]", str(ROOT / "jobs" / "infer.py"),
-                           f"infer.model=file://{tmp_path / 'no-run'}", f"infer.input=file://{tmp_path}",
+                           f"infer.model=file://{tmp_path / 'no-run'}", f"infer.input=file://{tmp_path / 'in'}",
                            f"infer.output=file://{tmp_path / 'o'}"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
                           env={**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable})

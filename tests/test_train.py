@@ -48,7 +48,7 @@ def tiny_dataset(spark, tmp_path_factory):
     ],
 )
 def test_bad_training_config_fails_before_spark(tmp_path, override, message):
-    overrides = [f"data.dataset={tmp_path}", f"train.output_dir={tmp_path}", "data.image_size=36", *TINY[1:], override]
+    overrides = [f"data.dataset={tmp_path}/pets", f"train.output_dir={tmp_path}/run", "data.image_size=36", *TINY[1:], override]
     if override.startswith("model.n_depth=4"):
         overrides = [o for o in overrides if not o.startswith("data.image_size")] + ["data.image_size=36"]
     with pytest.raises(ConfigError, match=message):
@@ -115,7 +115,7 @@ def test_a_rerun_into_the_same_folder_reports_only_its_own_epochs(spark, tiny_da
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     cfg = config.load(overrides=[f"data.dataset={tiny_dataset}", f"train.output_dir={tmp_path / 'mine'}", *TINY,
                                  "train.local_mode=true"], job="train")
-    with pytest.raises(InputError, match="holds no petseg run.*use a new or empty folder"):
+    with pytest.raises(InputError, match="is not a folder petseg wrote as a run .*point train.output_dir at a new or empty folder"):
         run_train(spark, cfg=cfg)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 

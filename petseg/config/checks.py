@@ -325,7 +325,7 @@ def _refuse_overlaps(cfg: Config, sections: tuple[str, ...]) -> None:
                 raise ConfigError(
                     f"{out_key}={out!r} {said} {other_key}={other!r}, {what} of the same job: petseg replaces "
                     f"{out_key}'s folder whole when it publishes, which would delete or mix with {other_key}; choose "
-                    f"a {out_key} that neither is, holds nor lies inside {other_key}"
+                    f"another {out_key}, one that neither is, holds nor lies inside {other_key}"
                 )
 
 

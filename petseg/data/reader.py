@@ -426,11 +426,13 @@ def row_group_index(dataset_url: str) -> list[RowGroup]:
 
     filesystem, root = urls.arrow_filesystem(dataset_url)
     files = []
+    root = root.rstrip("/")
     for info in filesystem.get_file_info(pafs.FileSelector(root, recursive=True)):
-        folder, name = posixpath.split(info.path)
-        partition = posixpath.basename(folder)
-        if info.is_file and name.endswith(".parquet") and partition.startswith(f"{SPLIT}="):
-            files.append((info.path, partition.split("=", 1)[1]))
+        # Only <root>/split=<name>/<file>.parquet, as ingest writes them: a split= folder deeper down
+        # is not this dataset's (another run's files, copied or renamed into it).
+        parts = info.path[len(root) + 1:].split("/")
+        if info.is_file and len(parts) == 2 and parts[1].endswith(".parquet") and parts[0].startswith(f"{SPLIT}="):
+            files.append((info.path, parts[0].split("=", 1)[1]))
     groups = []
     for path, split in sorted(files):
         with filesystem.open_input_file(path) as f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Iterator, Tuple
@@ -20,6 +21,7 @@ from petseg.env import prepare_task_environment
 from petseg.errors import InputError
 from petseg.infer.streaming import check_output, error_reason, observe_counts, run_query
 from petseg.io.fs import storage_for
+from petseg.io.publish import atomic_output, check_replaceable
 from petseg.io.urls import is_mlflow_uri, is_table_name
 from petseg.model import artifact
 from petseg.session import session_confs, task_cpus
@@ -262,6 +264,8 @@ def _segment_and_write(
     streaming = infer.mode is not InferMode.batch
     if streaming:
         check_output(spark, infer)
+    elif not is_table_name(str(infer.output)):  # before any Spark job
+        check_replaceable(storage_for(spark), str(infer.output), kind="masks", key="infer.output")
     table = (load_image_stream if streaming else load_image_table)(spark, infer=infer)
     taken = [f.name for f in SEGMENTATION_SCHEMA.fields] + ["model_uri", "model_version"]
     if table.key in taken:
@@ -299,7 +303,7 @@ def _segment_and_write(
             segmented = counts.pop("segmented", 0)
             failed = {reason: n for reason, n in counts.items() if n}
         else:
-            segmented, failed = _count_written(write_output(spark, out, output=str(infer.output)))
+            segmented, failed = write_output(spark, out, output=str(infer.output))
     report = InferReport(
         input=str(infer.input),
         input_format=table.format.value,
@@ -353,13 +357,60 @@ def _count_written(written: DataFrame) -> tuple[int, dict[str, int]]:
     return segmented, {r["reason"]: r["count"] for r in counts if r["reason"] is not None}
 
 
-def write_output(spark: SparkSession, frame: DataFrame, *, output: str) -> DataFrame:
-    """Write ``frame`` to a catalog table (overwritten) or a Parquet folder (replaced atomically);
-    return the written data, read back."""
+def write_output(spark: SparkSession, frame: DataFrame, *, output: str) -> tuple[int, dict[str, int]]:
+    """Write ``frame`` to a catalog table or a Parquet folder, replacing what it held only once the write
+    is complete; return (segmented, failed rows per reason), counted from what was written."""
     if is_table_name(output):
-        # overwriteSchema lets a Delta table take a new schema on re-run; Parquet tables ignore it.
-        frame.write.mode("overwrite").option("overwriteSchema", "true").saveAsTable(output)
-        return spark.table(output)
-    with storage_for(spark).atomic_output(output) as tmp:
-        frame.write.mode("overwrite").parquet(tmp)
-    return spark.read.parquet(output)
+        return _count_written(replace_table(spark, frame, table=output))
+    with atomic_output(storage_for(spark), output, kind="masks", key="infer.output") as staged:
+        frame.write.mode("overwrite").parquet(staged.url)
+        segmented, failed = _count_written(spark.read.parquet(staged.url))
+        staged.rows = {"segmented": segmented, **failed}
+    return segmented, failed
+
+
+def replace_table(spark: SparkSession, frame: DataFrame, *, table: str) -> DataFrame:
+    """Overwrite the catalog table ``table`` with ``frame`` so that a failed write leaves the old table.
+
+    A Delta overwrite (Databricks' default format) is one transaction, so it is done in place:
+    ``overwriteSchema`` lets the table take a new schema on re-run. Other formats (Parquet tables in a
+    Hive metastore or Spark's own catalog) are dropped by ``saveAsTable``'s overwrite before the write
+    starts, so ``frame`` goes to a staging table first, which then takes the old one's name: the old
+    table is renamed aside and dropped only after. Returns the written table.
+    """
+    exists = spark.catalog.tableExists(table)
+    provider = _table_provider(spark, table) if exists else spark.conf.get("spark.sql.sources.default", "parquet")
+    if provider.lower() == "delta":
+        frame.write.mode("overwrite").option("overwriteSchema", "true").saveAsTable(table)
+        return spark.table(table)
+    token = uuid.uuid4().hex[:12]
+    staging, aside = _sibling_table(table, f"petseg_staging_{token}"), _sibling_table(table, f"petseg_old_{token}")
+    writer = frame.write.mode("error") if not exists else frame.write.mode("error").format(provider)
+    try:
+        writer.saveAsTable(staging)
+        if exists:
+            spark.sql(f"ALTER TABLE {table} RENAME TO {aside}")
+        try:
+            spark.sql(f"ALTER TABLE {staging} RENAME TO {table}")
+        except BaseException:
+            if exists:
+                spark.sql(f"ALTER TABLE {aside} RENAME TO {table}")
+            raise
+    except BaseException:
+        spark.sql(f"DROP TABLE IF EXISTS {staging}")
+        raise
+    if exists:
+        spark.sql(f"DROP TABLE IF EXISTS {aside}")
+    return spark.table(table)
+
+
+def _table_provider(spark: SparkSession, table: str) -> str:
+    rows = spark.sql(f"DESCRIBE TABLE EXTENDED {table}").collect()
+    return next((str(r["data_type"]) for r in rows if r["col_name"] == "Provider"), "parquet")
+
+
+def _sibling_table(table: str, suffix: str) -> str:
+    """``table``'s name with ``__<suffix>`` added to its last part, in the same schema."""
+    if table.endswith("`"):
+        return f"{table[:-1]}__{suffix}`"
+    return f"{table}__{suffix}"

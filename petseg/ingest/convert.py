@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -23,6 +24,7 @@ from petseg.data.unischema import write_common_metadata
 from petseg.errors import InputError, RejectedInput
 from petseg.ingest.pairs import PAIRS_SCHEMA
 from petseg.io.fs import read_file, storage_for
+from petseg.io.publish import atomic_output, check_replaceable
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +182,7 @@ def parquet_write_options(*, rowgroup_size_mb: int) -> dict[str, str]:
 
 def write_dataset(spark: SparkSession, examples: DataFrame, *, url: str, data: DataConfig, split_rows: dict[str, int],
                   writer: str) -> None:
-    """Write accepted examples as a Petastorm dataset partitioned by split, replacing ``url`` atomically.
+    """Write accepted examples as a Petastorm dataset partitioned by split into the new folder ``url``.
 
     Each split is its own Hive-style folder (``split=train``), so its row groups hold only its rows
     and a reader filtering on split skips the others without opening them. Within a split, files
@@ -192,20 +194,19 @@ def write_dataset(spark: SparkSession, examples: DataFrame, *, url: str, data: D
     fields = pet_fields(image_size=data.image_size, image_codec=data.image_codec.value)
     columns = [f.name for f in fields if f.name != SPLIT]
     options = parquet_write_options(rowgroup_size_mb=data.rowgroup_size_mb)
-    with storage_for(spark).atomic_output(url) as tmp:
-        with _metadata_writer(spark, tmp, data=data, writer=writer):
-            for split, rows in sorted(split_rows.items()):
-                (
-                    examples.where(F.col(SPLIT) == split)
-                    .withColumnRenamed("path", "source_path")
-                    .select(*columns)
-                    .write.mode("overwrite")
-                    .options(**options)
-                    .option("maxRecordsPerFile", max(1, math.ceil(rows / data.min_row_groups_per_split)))
-                    .parquet(f"{tmp}/{SPLIT}={split}")
-                )
-        if writer == "petseg":
-            write_common_metadata(tmp, fields)
+    with _metadata_writer(spark, url, data=data, writer=writer):
+        for split, rows in sorted(split_rows.items()):
+            (
+                examples.where(F.col(SPLIT) == split)
+                .withColumnRenamed("path", "source_path")
+                .select(*columns)
+                .write.mode("overwrite")
+                .options(**options)
+                .option("maxRecordsPerFile", max(1, math.ceil(rows / data.min_row_groups_per_split)))
+                .parquet(f"{url}/{SPLIT}={split}")
+            )
+    if writer == "petseg":
+        write_common_metadata(url, fields)
 
 
 def _metadata_writer(spark: SparkSession, url: str, *, data: DataConfig, writer: str) -> ContextManager[Any]:
@@ -229,10 +230,10 @@ def rejects_table(rejects: DataFrame) -> DataFrame:
     return rejects.select([f.name for f in REJECTS_SCHEMA.fields]).repartition(1)
 
 
-def write_rejects(spark: SparkSession, rejects: DataFrame, *, url: str) -> None:
-    """Write the rejects table (id, split, path, reason, detail) as Parquet, replacing ``url`` atomically."""
-    with storage_for(spark).atomic_output(url) as tmp:
-        rejects_table(rejects).write.mode("overwrite").parquet(tmp)
+def write_rejects(rejects: DataFrame, *, url: str) -> None:
+    """Write the rejects table (id, split, path, reason, detail) as Parquet into the new folder ``url``;
+    with no rejects, an empty table, so that the folder says this run rejected nothing."""
+    rejects_table(rejects).write.mode("overwrite").parquet(url)
 
 
 def run_ingest(spark: SparkSession, *, data: DataConfig, writer: str | None = None) -> IngestReport:
@@ -263,6 +264,8 @@ def run_ingest(spark: SparkSession, *, data: DataConfig, writer: str | None = No
     if writer not in WRITERS:
         raise ValueError(f"writer={writer!r} is not a dataset writer; use one of {', '.join(WRITERS)}, or None")
     storage = storage_for(spark)
+    check_replaceable(storage, data.dataset, kind="dataset", key="data.dataset")  # before any Spark job
+    check_replaceable(storage, str(data.rejects), kind="rejects", key="data.rejects")
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -293,18 +296,24 @@ def run_ingest(spark: SparkSession, *, data: DataConfig, writer: str | None = No
             dataset=data.dataset, rejects=str(data.rejects), written=dict(written), rejected=dict(rejected), seconds=seconds,
             writer=writer,
         )
-        if rejected:
-            write_rejects(spark, prepared.where(F.col("reason").isNotNull()), url=str(data.rejects))
-        else:
-            storage.delete(str(data.rejects))  # a stale rejects table from an earlier run would mislead
-        lap("rejects")
+        rejects_out = functools.partial(atomic_output, storage, str(data.rejects), kind="rejects", key="data.rejects")
         if not written:
+            with rejects_out() as staged:  # published alone, so that they can be inspected
+                write_rejects(prepared.where(F.col("reason").isNotNull()), url=staged.url)
+                staged.rows = dict(rejected)
             raise IngestError(
                 f"no valid example remains out of {report.read} read; see the rejects table at {data.rejects} "
                 f"(reasons: {dict(rejected)})"
             )
-        write_dataset(spark, prepared.where(F.col("reason").isNull()), url=data.dataset, data=data, split_rows=dict(written),
-                      writer=writer)
+        # Both written, then both published (the dataset first): a failed write leaves the last run's pair.
+        with rejects_out() as staged_rejects, \
+                atomic_output(storage, data.dataset, kind="dataset", key="data.dataset") as staged:
+            write_rejects(prepared.where(F.col("reason").isNotNull()), url=staged_rejects.url)
+            staged_rejects.rows = dict(rejected)
+            lap("rejects")
+            write_dataset(spark, prepared.where(F.col("reason").isNull()), url=staged.url, data=data,
+                          split_rows=dict(written), writer=writer)
+            staged.rows = dict(written)
         lap("dataset")
     finally:
         prepared.unpersist()

@@ -11,10 +11,9 @@ storage the server writes (a Databricks job on serverless compute sees /Volumes 
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import os
 import re
-import uuid
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
@@ -36,8 +35,7 @@ PARALLEL_LISTING_FOLDERS = 32
 class Storage:
     """Files and folders of outputs: what each stage needs to check inputs and publish outputs.
 
-    Subclasses give the primitive operations; publishing (:meth:`atomic_output`, :meth:`replace`)
-    is built on them once.
+    Subclasses give the primitive operations; publishing (:mod:`petseg.io.publish`) is built on them once.
     """
 
     def exists(self, url: str) -> bool:
@@ -60,43 +58,17 @@ class Storage:
     def rename(self, src: str, dst: str) -> None:
         raise NotImplementedError
 
-    @contextlib.contextmanager
-    def atomic_output(self, url: str) -> Iterator[str]:
-        """Yield a temporary sibling URL to write into; on success it replaces ``url``.
+    def siblings(self, url: str, mark: str) -> list[str]:
+        """URLs of the files and folders beside ``url`` named ``<url's name><mark>*``."""
+        raise NotImplementedError
 
-        A failed write leaves ``url`` as it was (the old output, or nothing) and removes the
-        temporary folder. On HDFS and local disks the final rename is atomic; on object stores
-        (s3a, gs) rename is a copy, but readers still never see a half-written new output.
-        """
-        base = url.rstrip("/")
-        tmp = f"{base}.petseg-tmp-{uuid.uuid4().hex[:12]}"
-        try:
-            yield tmp
-            self.replace(tmp, base)
-        except BaseException:
-            self.delete(tmp)
-            raise
+    def modified(self, url: str) -> float:
+        """When ``url`` was last modified, in seconds since the epoch."""
+        raise NotImplementedError
 
-    def replace(self, src: str, dst: str) -> None:
-        """Move the folder ``src`` to ``dst``, replacing what ``dst`` holds.
-
-        On failure both stay as they were. The old output is renamed aside first and deleted last,
-        so a reader sees the old folder or the new one (or, between two renames, none), never a mix.
-        """
-        base = dst.rstrip("/")
-        old = f"{base}.petseg-old-{uuid.uuid4().hex[:12]}"
-        had_old = self.exists(base)
-        if had_old:
-            self.rename(base, old)
-        try:
-            self.rename(src, base)
-        except BaseException:
-            if had_old:
-                self.rename(old, base)
-            raise
-        if had_old:
-            self.delete(old)
-        log.info("wrote %s", base)
+    def create_new(self, url: str, data: bytes) -> bool:
+        """Write a small file only if ``url`` does not exist; False if it does."""
+        raise NotImplementedError
 
 
 class HadoopStorage(Storage):
@@ -142,8 +114,32 @@ class HadoopStorage(Storage):
     def rename(self, src: str, dst: str) -> None:
         fs, src_path = self._path(src)
         _, dst_path = self._path(dst)
-        if not fs.rename(src_path, dst_path):
+        # Hadoop moves a folder *into* an existing folder of the target's name, which would nest one
+        # run's output inside another's: refuse instead.
+        if fs.exists(dst_path) or not fs.rename(src_path, dst_path):
             raise OSError(f"could not rename {src} to {dst}; check permissions and that {dst} does not exist")
+
+    def siblings(self, url: str, mark: str) -> list[str]:
+        fs, path = self._path(f"{url.rstrip('/')}{mark}*")
+        return [str(s.getPath().toString()) for s in fs.globStatus(path) or []]
+
+    def modified(self, url: str) -> float:
+        fs, path = self._path(url)
+        return fs.getFileStatus(path).getModificationTime() / 1000.0
+
+    def create_new(self, url: str, data: bytes) -> bool:
+        fs, path = self._path(url)
+        try:
+            stream = fs.create(path, False)  # exclusive on HDFS and local disks; check-then-write on object stores
+        except Exception as exc:  # py4j's Py4JJavaError around FileAlreadyExistsException
+            if fs.exists(path):
+                return False
+            raise OSError(f"could not create {url}: {exc}") from None
+        try:
+            stream.write(bytearray(data))
+        finally:
+            stream.close()
+        return True
 
 
 class ArrowStorage(Storage):
@@ -206,6 +202,37 @@ class ArrowStorage(Storage):
             fs.move(src_path, dst_path)
         except OSError as exc:
             raise OSError(f"could not rename {src} to {dst} ({exc}); check permissions") from None
+
+    def siblings(self, url: str, mark: str) -> list[str]:
+        from pyarrow import fs as pafs
+
+        parts = urls.split_url(url.rstrip("/"))
+        parent, name = parts.path.rsplit("/", 1)
+        fs, path = urls.arrow_filesystem(parts.with_path(parent or "/"))
+        return [parts.with_path(f"{parent}/{e.base_name}")
+                for e in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                if e.base_name.startswith(name + mark)]
+
+    def modified(self, url: str) -> float:
+        fs, path = urls.arrow_filesystem(url)
+        mtime = fs.get_file_info(path).mtime
+        return mtime.timestamp() if mtime is not None else 0.0
+
+    def create_new(self, url: str, data: bytes) -> bool:
+        if urls.is_local(url):
+            path = urls.local_path(url)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            return True
+        if self.exists(url):  # object stores have no exclusive create here: check, then write
+            return False
+        self.write_bytes(url, data)
+        return True
 
 
 def storage_for(spark: SparkSession) -> Storage:

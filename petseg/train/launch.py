@@ -16,6 +16,7 @@ from petseg.data.reader import dataset_fingerprint, split_stats
 from petseg.errors import InputError
 from petseg.io import urls
 from petseg.io.fs import storage_for
+from petseg.io.publish import verify, writer_lock
 from petseg.tracking import flatten, tracked_run
 from petseg.train import rundir
 from petseg.train.progress import progress_server
@@ -97,6 +98,13 @@ def dataset_stats(dataset_url: str) -> dict[str, tuple[int, int]]:
         ) from None
     if not stats:
         raise TrainError(f"data.dataset={dataset_url!r} holds no split=train/ or split=test/ Parquet files; {ingest_first}")
+    manifest = verify(dataset_url, kind="dataset", key="data.dataset")  # whole, and one run's files only
+    counted = {split: rows for split, (rows, _) in stats.items()}
+    if manifest.get("rows") and counted != manifest["rows"]:
+        raise TrainError(
+            f"the dataset at data.dataset={dataset_url!r} holds {counted} rows per split where its manifest lists "
+            f"{manifest['rows']}; re-run ingest into it"
+        )
     missing = [s for s in ("train", "test") if stats.get(s, (0, 0))[0] == 0]
     if missing:
         raise TrainError(f"the dataset at {dataset_url} has no rows in split(s) {missing}; re-run ingest")
@@ -196,7 +204,8 @@ def run_train(spark: SparkSession, *, cfg: Config) -> TrainResult:
             )
     if t.batch_size % workers:
         raise TrainError(f"train.batch_size={t.batch_size} does not divide over {workers} workers; use a multiple of {workers}")
-    run = rundir.open_run(output_dir=t.output_dir,
+    storage = storage_for(spark)
+    run = rundir.open_run(storage, output_dir=t.output_dir,
                           identity=rundir.identity(cfg, dataset_fingerprint=dataset_fingerprint(cfg.data.dataset)))
     log.info("%s", run.note)
     spec = {**training_spec(cfg, stats=stats), "work_dir": run.work_dir, "run_id": run.run_id}
@@ -221,7 +230,8 @@ def run_train(spark: SparkSession, *, cfg: Config) -> TrainResult:
                 f"stopped after epoch {result['stopped_after_epoch']} as configured (train.stop_after_epoch); run "
                 f"{run.run_id} waits in {run.work_dir}: re-run without train.stop_after_epoch to resume it"
             )
-        rundir.publish(storage_for(spark), run)
+        with writer_lock(storage, t.output_dir, key="train.output_dir"):
+            rundir.publish(storage, run)
         result = {**result, "model_dir": run.published(result["model_dir"]),
                   "outputs": {k: run.published(v) for k, v in result["outputs"].items()}}
         logged = None

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from petseg.config import Config, to_dict
-from petseg.errors import InputError
-from petseg.model import artifact
+from petseg.io.fs import Storage
+from petseg.io.publish import Staged, check_replaceable, replace, write_manifest
 from petseg.train.loop import local_path
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,6 @@ PARTIAL_SUFFIX = ".petseg-partial"
 RUN_FILE = "petseg-run.json"
 #: Keys that do not change what a run trains: a run stopped by one resumes without it.
 _NOT_IDENTITY = {"train.output_dir", "train.stop_after_epoch", "train.max_restarts", "train.preview_images"}
-#: What may already be in train.output_dir: a run petseg wrote (this layout, or the older one that
-#: trained in place). Any other folder is not replaced.
-_RUN_MARKERS = (artifact.METADATA_FILE, "history.jsonl", "backup")
 
 
 @dataclass(frozen=True)
@@ -60,21 +57,16 @@ def identity(cfg: Config, *, dataset_fingerprint: str) -> dict[str, Any]:
     return {**{k: v for k, v in sorted(keys.items()) if k not in _NOT_IDENTITY}, "dataset files": dataset_fingerprint}
 
 
-def open_run(*, output_dir: str, identity: Mapping[str, Any]) -> RunFolder:
+def open_run(storage: Storage, *, output_dir: str, identity: Mapping[str, Any]) -> RunFolder:
     """Resume the unfinished run in ``output_dir``'s working folder if it is this run, else start a new one.
 
     Raises
     ------
     InputError
-        When ``output_dir`` exists and holds something other than a petseg run, which replacing it
-        would delete.
+        When ``output_dir`` exists and is not a finished petseg run (one with a manifest, or with
+        the model metadata of a run published before manifests), which replacing it would delete.
     """
-    final = local_path(output_dir)
-    if final.is_dir() and any(final.iterdir()) and not any((final / m).exists() for m in _RUN_MARKERS):
-        raise InputError(
-            f"train.output_dir={output_dir!r} exists and holds no petseg run (no {artifact.METADATA_FILE}); a finished "
-            "run replaces its folder whole, so use a new or empty folder"
-        )
+    check_replaceable(storage, output_dir, kind="run", key="train.output_dir")
     work_url = output_dir.rstrip("/") + PARTIAL_SUFFIX
     work = local_path(work_url)
     previous = _read_run_file(work / RUN_FILE)
@@ -92,12 +84,14 @@ def open_run(*, output_dir: str, identity: Mapping[str, Any]) -> RunFolder:
     return RunFolder(output_dir=output_dir, work_dir=work_url, run_id=run_id, resumed=False, note=note)
 
 
-def publish(storage: Any, run: RunFolder) -> None:
-    """Replace ``run.output_dir`` with the finished working folder (``storage``: a :class:`petseg.io.fs.Storage`)."""
+def publish(storage: Storage, run: RunFolder) -> None:
+    """Replace ``run.output_dir`` with the finished working folder, its manifest written last."""
     work = local_path(run.work_dir)
     (work / RUN_FILE).unlink()
     shutil.rmtree(work / "backup", ignore_errors=True)  # BackupAndRestore deletes it at the end; be sure
-    storage.replace(run.work_dir, run.output_dir)
+    check_replaceable(storage, run.output_dir, kind="run", key="train.output_dir")  # it may have changed since
+    write_manifest(storage, Staged(run.work_dir, rows={}), kind="run")
+    replace(storage, run.work_dir, run.output_dir)
 
 
 def _read_run_file(path: Path) -> dict[str, Any] | None:
