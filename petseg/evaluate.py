@@ -123,6 +123,9 @@ def _confusion_per_partition(
                 try:
                     decoded = decode_for_model(image, size=loaded.image_size, max_pixels=max_image_pixels)[0]
                     labels = decode_label_mask(mask, max_pixels=max_image_pixels)
+                    if labels.size and labels.max() >= n_classes:
+                        raise RejectedInput("mask_values_out_of_range",
+                                            f"the mask holds label {labels.max()}; the model has {n_classes} classes")
                 except RejectedInput as exc:
                     failed[exc.reason] += 1
                     continue

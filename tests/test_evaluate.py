@@ -61,24 +61,27 @@ def test_job_errors(spark, exported_run, tmp_path):
 
 
 def test_rows_over_the_pixel_limit_are_counted_not_fatal(spark, exported_run, tmp_path):
-    """A labelled split whose images kept their original sizes (PNG), two of them over the limit."""
+    """A labelled split whose images kept their original sizes (PNG), two of them over the limit, and one
+    whose mask holds a label the model does not have."""
     import pandas as pd
 
     from petseg.data import decode, render
 
     pets = [render.synthetic_pet(i, seed=2, size=size) for i, size in enumerate([(40, 30), (36, 32), (100, 80), (90, 70)])]
-    frame = pd.DataFrame({"id": [f"p{i}" for i in range(len(pets))],
-                          "image": [render.encode_png(p.image) for p in pets],
-                          "mask": [render.encode_png(decode.resize_mask(p.trimap - 1, 32)) for p in pets]})
+    masks = [render.encode_png(decode.resize_mask(p.trimap - 1, 32)) for p in pets]
+    frame = pd.DataFrame({"id": [f"p{i}" for i in range(len(pets) + 1)],
+                          "image": [render.encode_png(p.image) for p in pets] + [render.encode_png(pets[0].image)],
+                          "mask": masks + [render.encode_png(np.full((32, 32), 3, np.uint8))]})
     (tmp_path / "pets" / "split=test").mkdir(parents=True)
     frame.to_parquet(tmp_path / "pets" / "split=test" / "part-0.parquet")
     publish.write_manifest(ArrowStorage(), publish.Staged((tmp_path / "pets").as_uri()), kind="dataset")
     cfg = load_job_config("evaluate", f"evaluate.model={exported_run}", f"evaluate.dataset={tmp_path / 'pets'}",
                           f"evaluate.output={tmp_path / 'eval'}", "data.max_image_pixels=5000")
     report = run_evaluate(spark, evaluate=cfg.evaluate, max_image_pixels=cfg.data.max_image_pixels)
-    assert report.images == 2 and report.failed == {"image_too_large": 2}
+    failed = {"image_too_large": 2, "mask_values_out_of_range": 1}
+    assert report.images == 2 and report.failed == failed
     assert report.pixels == 2 * 32 * 32  # only the usable rows are measured
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["failed"] == {"image_too_large": 2}
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["failed"] == failed
     assert "failed  image_too_large" in report.format()
-    with pytest.raises(InputError, match=r"no row of the test split .* could be evaluated \(failed: \{'image_too_large': 4\}\)"):
+    with pytest.raises(InputError, match=r"no row of the test split .* could be evaluated \(failed: \{'image_too_large': 5\}\)"):
         run_evaluate(spark, evaluate=cfg.evaluate, max_image_pixels=1000)
