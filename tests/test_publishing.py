@@ -281,3 +281,24 @@ def test_a_failed_write_to_a_parquet_table_leaves_the_old_table(spark):
         assert [t.name for t in spark.catalog.listTables() if t.name.startswith("petseg_swap")] == ["petseg_swap"]
     finally:
         spark.sql("DROP TABLE IF EXISTS petseg_swap")
+
+
+def test_inference_refuses_a_petseg_dataset_holding_another_runs_files(spark, exported_run, tmp_path):
+    from conftest import load_job_config
+
+    from petseg.errors import InputError
+    from petseg.infer.job import run_infer
+
+    pets = tmp_path / "pets"
+    with _storage_atomic(pets, kind="dataset") as staged:
+        _storage().write_bytes(f"{staged.url}/split=test/part-0.parquet", b"not read")
+    (pets / "split=test" / "part-1.parquet").write_bytes(b"copied in from another run")
+    cfg = load_job_config("infer", f"infer.model={exported_run}", f"infer.input={pets}", f"infer.output={tmp_path / 'o'}")
+    with pytest.raises(InputError, match=r"infer.input=.*pets' does not match .* 1 not its own \(e.g. split=test/part-1"):
+        run_infer(spark, infer=cfg.infer)
+
+
+def _storage_atomic(folder, *, kind):
+    from petseg.io.publish import atomic_output
+
+    return atomic_output(_storage(), folder.as_uri(), kind=kind, key="k")

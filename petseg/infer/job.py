@@ -15,13 +15,13 @@ from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
 from pyspark.sql.types import BinaryType, DoubleType, IntegerType, StringType, StructField, StructType
 
-from petseg.config import InferConfig, InferMode, MlflowConfig, to_dict
+from petseg.config import InferConfig, InferMode, InputFormat, MlflowConfig, to_dict
 from petseg.data.decode import CLASSES, DEFAULT_MAX_IMAGE_PIXELS
 from petseg.env import prepare_task_environment
 from petseg.errors import InputError
 from petseg.infer.streaming import check_output, error_reason, observe_counts, run_query
-from petseg.io.fs import storage_for
-from petseg.io.publish import atomic_output, check_replaceable
+from petseg.io.fs import is_glob, storage_for
+from petseg.io.publish import atomic_output, check_replaceable, verify_if_published
 from petseg.io.urls import is_mlflow_uri, is_table_name
 from petseg.model import artifact
 from petseg.session import session_confs, task_cpus
@@ -266,6 +266,8 @@ def _segment_and_write(
         check_output(spark, infer)
     elif not is_table_name(str(infer.output)):  # before any Spark job
         check_replaceable(storage_for(spark), str(infer.output), kind="masks", key="infer.output")
+    if not streaming and infer.input_format is not InputFormat.table and not is_glob(str(infer.input)):
+        verify_if_published(str(infer.input), key="infer.input")  # a petseg dataset: whole, one run's files
     table = (load_image_stream if streaming else load_image_table)(spark, infer=infer)
     taken = [f.name for f in SEGMENTATION_SCHEMA.fields] + ["model_uri", "model_version"]
     if table.key in taken:

@@ -176,6 +176,13 @@ def verify(url: str, *, kind: str, key: str) -> dict[str, Any]:
     return manifest
 
 
+def verify_if_published(url: str, *, key: str) -> dict[str, Any] | None:
+    """:func:`verify` for a folder that carries a manifest; None for anything else (a user's own Parquet
+    folder, a file, photos), which petseg cannot check."""
+    manifest = read_manifest(url)
+    return None if manifest is None else verify(url, kind=manifest["kind"], key=key)
+
+
 def recover(storage: Storage, url: str) -> None:
     """Repair what an interrupted publish of ``url`` left beside it; call with its lock held.
 
