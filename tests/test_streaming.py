@@ -4,7 +4,10 @@ from petseg import env
 
 env.prepare_process_environment(master="local[2]")  # tf-keras, before TensorFlow is imported
 
+import io  # noqa: E402
+import os  # noqa: E402
 import shutil  # noqa: E402
+import time  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -19,6 +22,12 @@ def _add_photos(folder, first, count, seed=3):
         tmp = folder.parent / f".{i}.tmp"
         tmp.write_bytes(render.encode_jpeg(pet.image))
         tmp.rename(folder / f"p{i:03d}.jpg")  # moved in whole, as an upload service should
+
+
+def _backdate(path, days):
+    """Give ``path`` the mtime a copy keeps (``cp -p``, ``rsync -a``, ``unzip``) of a file made ``days`` ago."""
+    then = time.time() - days * 86400
+    os.utime(path, (then, then))
 
 
 def _infer(spark, *overrides):
@@ -39,13 +48,20 @@ def test_incremental_runs_segment_only_new_images_once_even_after_a_run_killed_m
     assert "infer (incremental): 6 new rows, segmented 5, failed 1" in first.format()
 
     _add_photos(photos, 5, 3)
+    # A photo copied in keeping its mtime, a month older than every other: past Spark's default maxFileAge
+    # (7 days behind the newest file seen), which would skip it.
+    old = photos.parent / "old.tmp"
+    old.write_bytes(render.encode_jpeg(render.synthetic_pet(99, seed=3, size=(40, 32)).image))
+    _backdate(old, 30)
+    old.rename(photos / "old.jpg")
     second = _infer(spark, *args)
-    assert (second.segmented, second.failed) == (3, {})
+    assert (second.segmented, second.failed) == (4, {})
     rows = spark.read.parquet(str(out)).collect()
-    assert sorted(r["path"].rsplit("/", 1)[-1] for r in rows) == ["broken.jpg"] + [f"p{i:03d}.jpg" for i in range(8)]
+    assert sorted(r["path"].rsplit("/", 1)[-1] for r in rows) == (
+        ["broken.jpg", "old.jpg"] + [f"p{i:03d}.jpg" for i in range(8)])
     # Keys as batch runs write them, so the two modes' outputs join.
     batch = _infer(spark, f"infer.model={exported_run}", f"infer.input={photos}", f"infer.output={tmp_path / 'b'}")
-    assert batch.rows == 9
+    assert batch.rows == 10
     assert {r["path"] for r in spark.read.parquet(str(tmp_path / "b")).collect()} == {r["path"] for r in rows}
 
     nothing = _infer(spark, *args)  # a scheduled run with nothing new succeeds and segments nothing
@@ -67,7 +83,7 @@ def test_incremental_runs_segment_only_new_images_once_even_after_a_run_killed_m
     redone = _infer(spark, *args)
     assert redone.segmented == 4  # the batch again, from its checkpointed offsets
     keys = [r["path"] for r in spark.read.parquet(str(out)).collect()]
-    assert len(keys) == len(set(keys)) == 13  # every image once: the orphaned files are not read
+    assert len(keys) == len(set(keys)) == 14  # every image once: the orphaned files are not read
 
 
 def test_incremental_refuses_a_batch_output_and_writes_tables(spark, exported_run, tmp_path):
@@ -99,6 +115,7 @@ def test_incremental_refuses_a_batch_output_and_writes_tables(spark, exported_ru
     parquet_args = (f"infer.model={exported_run}", f"infer.input={src}", f"infer.output={masks}", "infer.mode=incremental")
     assert _infer(spark, *parquet_args).segmented == 3
     pd.DataFrame({"id": ["d", "e"], "image": pets[3:]}).to_parquet(src / "part-1.parquet")
+    _backdate(src / "part-1.parquet", 30)  # a file its writer staged elsewhere for a month
     assert _infer(spark, *parquet_args).segmented == 2
     assert sorted(r["id"] for r in spark.read.parquet(str(masks)).collect()) == ["a", "b", "c", "d", "e"]
 
@@ -112,6 +129,38 @@ def test_incremental_refuses_a_batch_output_and_writes_tables(spark, exported_ru
     finally:
         spark.sql("DROP TABLE IF EXISTS stream_masks")
         shutil.rmtree(tmp_path / "ckpt", ignore_errors=True)
+
+
+def test_a_stream_over_a_folder_petseg_replaces_whole_is_refused_before_spark_runs(spark, exported_run, tmp_path):
+    import pandas as pd
+
+    from petseg.io.fs import ArrowStorage
+    from petseg.io.publish import atomic_output
+
+    image = render.encode_png(render.synthetic_pet(0, seed=8, size=(36, 30)).image)
+    table = io.BytesIO()
+    pd.DataFrame({"id": ["a"], "image": [image]}).to_parquet(table)
+    for kind, part in [("dataset", "split=test/part-0.parquet"), ("masks", "part-0.parquet"),
+                       ("rejects", "part-0.parquet")]:
+        with atomic_output(ArrowStorage(), (tmp_path / kind).as_uri(), kind=kind, key="k") as staged:
+            ArrowStorage().write_bytes(f"{staged.url}/{part}", table.getvalue())
+    # The folder itself, a folder inside it, and a glob under it: all are rewritten by the next publish.
+    cases = [("masks", "masks", "incremental"), ("dataset", "dataset/split=test", "incremental"),
+             ("rejects", "rejects/*.parquet", "stream")]
+    jobs = set(spark.sparkContext.statusTracker().getJobIdsForGroup())
+    for kind, given, mode in cases:
+        url = f"file://{tmp_path / given}"
+        with pytest.raises(InputError) as refused:
+            _infer(spark, f"infer.model={exported_run}", f"infer.input={tmp_path / given}",
+                   f"infer.output={tmp_path / 'out'}", f"infer.mode={mode}")
+        assert str(refused.value) == (
+            f"infer.input={url!r} belongs to a petseg {kind} (file://{tmp_path / kind}/_petseg_output.json), which "
+            f"the job that writes it replaces whole, under new file names: infer.mode={mode} would segment every "
+            "row again after each replacement. Use infer.mode=batch, which replaces infer.output with one row per "
+            "input row"
+        )
+    assert set(spark.sparkContext.statusTracker().getJobIdsForGroup()) == jobs and not spark.streams.active
+    assert not (tmp_path / "out").exists()
 
 
 def _rows_when(spark, out, expected, proc, timeout=240):

@@ -13,11 +13,14 @@ from typing import Any
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.streaming import DataStreamReader
 from pyspark.sql.types import BinaryType, LongType, StringType, StructField, StructType, TimestampType
 
 from petseg.config import InferConfig, InputFormat
 from petseg.errors import InputError
 from petseg.io.fs import is_glob, list_files_frame, storage_for
+from petseg.io.publish import MANIFEST_FILE, read_manifest
+from petseg.io.urls import split_url
 from petseg.session import default_parallelism
 
 #: Key columns tried, in order, when infer.key_column is null.
@@ -38,6 +41,12 @@ BINARY_FILE_SCHEMA = StructType([
     StructField("length", LongType(), False),
     StructField("content", BinaryType(), True),
 ])
+
+#: The file stream source's option: how far a file's mtime may lie behind the newest file the source
+#: has taken (Spark's FileStreamOptions), 7 days by default.
+MAX_FILE_AGE_OPTION = "maxFileAge"
+#: Long.MaxValue milliseconds, the age Spark itself uses when it ignores maxFileAge: no file is too old.
+UNBOUNDED_FILE_AGE = f"{2**63 - 1}ms"
 
 
 @dataclass(frozen=True)
@@ -105,19 +114,22 @@ def load_image_stream(spark: SparkSession, *, infer: InferConfig) -> ImageTable:
     Image files come through Spark's binaryFile source with their bytes. Like every Spark file
     source it skips zero-length files (SPARK-26161) and reads a file once, when it is first listed:
     whatever writes into the folder must move finished files in (write elsewhere, then rename).
+    Files, images or Parquet, are taken once by path, whatever their mtime (:func:`_file_stream`).
 
     Raises
     ------
     InputError
-        When the input is missing, or lacks the configured image or key column.
+        When the input is missing, lies in a folder petseg publishes (:func:`check_stream_input`), or
+        lacks the configured image or key column.
     """
+    check_stream_input(spark, infer=infer)
     url = str(infer.input)
     fmt = infer.input_format if infer.input_format is not InputFormat.auto else detect_format(spark, url)
     if fmt is InputFormat.images:
         if not is_glob(url) and not storage_for(spark).is_dir(url):
             raise InputError(f"infer.input={url!r} is not a folder; point the stream at the folder images arrive in")
         frame = (
-            _binary_files(spark.readStream.schema(BINARY_FILE_SCHEMA), url)
+            _binary_files(_file_stream(spark, schema=BINARY_FILE_SCHEMA), url)
             # Hadoop writes a local file's URL file:/x; batch runs list it as file:///x. One form for both.
             .select(F.regexp_replace("path", "^file:/(?!/)", "file:///").alias("path"), F.col("content").alias("image"))
         )
@@ -131,6 +143,53 @@ def load_image_stream(spark: SparkSession, *, infer: InferConfig) -> ImageTable:
     if infer.partitions:
         table = replace(table, frame=table.frame.repartition(infer.partitions))
     return table
+
+
+def check_stream_input(spark: SparkSession, *, infer: InferConfig) -> None:
+    """Refuse to stream a folder that lies in a petseg published output (a dataset, masks, rejects).
+
+    A stream takes each file once by path; a publish replaces the whole folder with files of new
+    names, so every row would land again after each publish. The folder, the non-glob part of a glob,
+    and each folder above it are checked for the manifest, with no Spark job.
+
+    Raises
+    ------
+    InputError
+        Naming ``infer.input``, the manifest found and the fix (``infer.mode=batch``).
+    """
+    url = str(infer.input)
+    if infer.input_format is InputFormat.table:
+        return
+    parts = split_url(url.rstrip("/"))
+    components = parts.path.split("/")
+    first_glob = next((i for i, part in enumerate(components) if is_glob(part)), len(components))
+    storage = storage_for(spark)
+    # From the deepest folder up: a split's folder inside a dataset is replaced with the dataset.
+    for depth in range(first_glob, 1, -1):
+        folder = parts.with_path("/".join(components[:depth]))
+        manifest = f"{folder}/{MANIFEST_FILE}"
+        if storage.exists(manifest):
+            found = read_manifest(folder)  # through pyarrow, which may lack the cluster's credentials
+            kind = found["kind"] if found is not None else "output"
+            raise InputError(
+                f"infer.input={url!r} belongs to a petseg {kind} ({manifest}), which the job that writes it "
+                f"replaces whole, under new file names: infer.mode={infer.mode.value} would segment every row "
+                "again after each replacement. Use infer.mode=batch, which replaces infer.output with one row "
+                "per input row"
+            )
+
+
+def _file_stream(spark: SparkSession, *, schema: StructType) -> DataStreamReader:
+    """A stream reader for Spark's file source that takes each file it has not taken, whatever its mtime.
+
+    By default the source, after its first micro-batch, skips a file whose mtime lies more than
+    maxFileAge (7 days) behind the newest file it has taken: a photo copied with ``cp -p``,
+    ``rsync -a`` or ``unzip``, or staged elsewhere for a week, would never be read. Unbounded, it
+    forgets no path it has taken, and keeps all of them in the driver's memory (about 120 bytes
+    plus the URL's length each, measured on Spark 3.5: see the README). Not latestFirst with
+    maxFilesPerTrigger, which also lifts the limit: it takes the newest files first, in capped batches.
+    """
+    return spark.readStream.schema(schema).option(MAX_FILE_AGE_OPTION, UNBOUNDED_FILE_AGE)
 
 
 def _binary_files(reader: Any, url: str) -> DataFrame:
@@ -172,7 +231,7 @@ def source_frame(spark: SparkSession, url: str, fmt: InputFormat, *, stream: boo
     except Exception as exc:  # AnalysisException: path missing or not Parquet
         raise InputError(f"cannot read infer.input={url!r} as Parquet ({_first_line(exc)}); check the path") from None
     # A streaming file source needs its schema up front: the batch read's.
-    return spark.readStream.schema(frame.schema).parquet(url) if stream else frame
+    return _file_stream(spark, schema=frame.schema).parquet(url) if stream else frame
 
 
 def _image_columns(frame: DataFrame, *, fmt: InputFormat, url: str, infer: InferConfig) -> ImageTable:

@@ -7,7 +7,9 @@ rows are those of batch inference (same UDF, decoding, error rows and columns), 
 make each input land exactly once: the Parquet file sink commits a micro-batch's files in its
 ``_spark_metadata`` log, which every Spark reader of the folder follows, and a catalog table is
 written with ``toTable``. A run killed midway leaves uncommitted files that readers ignore; the next
-run redoes that micro-batch from the checkpoint.
+run redoes that micro-batch from the checkpoint. On the input side, the file source takes each file
+once by path, whatever its mtime, and a folder petseg publishes (rewritten whole) is refused: see
+:func:`petseg.infer.inputs.load_image_stream`.
 """
 
 from __future__ import annotations
