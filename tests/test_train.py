@@ -75,21 +75,38 @@ def test_train_on_executors_streams_progress_and_writes_outputs(spark, tiny_data
     assert (run / "model" / "saved_model.pb").exists()
 
 
+def history_records(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines()]
+
+
 def epochs_recorded(folder: Path) -> list[int]:
-    return [json.loads(line)["epoch"] for line in (folder / "history.jsonl").read_text().splitlines()]
+    return [record["epoch"] for record in history_records(folder)]
 
 
-def test_stop_and_resume_continues_at_the_next_epoch(spark, tiny_dataset, tmp_path):
+def test_stop_and_resume_continues_at_the_next_epoch_and_a_failed_save_keeps_the_backup(spark, tiny_dataset, tmp_path):
     first = train_config(tmp_path, tiny_dataset, "train.local_mode=true", "train.stop_after_epoch=1")
     with pytest.raises(TrainStopped, match="stopped after epoch 1 as configured.*re-run without train.stop_after_epoch"):
         run_train(spark, cfg=first)
     partial = tmp_path / "run.petseg-partial"
     assert epochs_recorded(partial) == [1] and not (tmp_path / "run").exists()  # nothing published yet
-    resumed = run_train(spark, cfg=train_config(tmp_path, tiny_dataset, "train.local_mode=true"))
+    epoch_1 = history_records(partial)[0]
+    # The resumed run trains epoch 2 and saves the model, then cannot write its outputs: a folder
+    # stands where history.json goes, as an unwritable target would.
+    (partial / "history.json").mkdir()
+    resume = train_config(tmp_path, tiny_dataset, "train.local_mode=true")
+    with pytest.raises(RuntimeError, match=r"training worker 0 of 1 failed \(exit code 1\): IsADirectoryError"):
+        run_train(spark, cfg=resume)
+    trained = history_records(partial)
+    assert trained[0] == epoch_1 and [h["epoch"] for h in trained] == [1, 2]  # epoch 1 was not trained again
+    assert latest_backup(partial), "the backup was deleted before the run's outputs were written"
+    # The next attempt (a re-run, or a restart: the same resume) trains no epoch again: it saves.
+    (partial / "history.json").rmdir()
+    resumed = run_train(spark, cfg=resume)
     messages = [r["message"] for r in resumed.progress]
-    assert "resuming from the backup at epoch 2" in messages and resumed.note.startswith("resuming the unfinished run")
-    assert not any(m.startswith("epoch 1/2") for m in messages)  # epoch 1 was not trained again
-    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert "resuming from the backup: all 2 epochs are trained" in messages, messages
+    assert not any(m.startswith("epoch ") for m in messages), messages
+    assert resumed.note.startswith("resuming the unfinished run") and resumed.history == trained
+    assert epochs_recorded(tmp_path / "run") == [1, 2] and not (tmp_path / "run" / "backup").exists()
     assert not partial.exists() and artifact.resolve(str(tmp_path / "run")).version == resumed.run_id
 
 
@@ -185,7 +202,7 @@ def kill_worker_1_at_the_next_backup(partial: Path) -> list[int]:
     return killed
 
 
-def test_a_killed_worker_leaves_no_process_and_restarts_resume_from_the_backup(spark, uneven_dataset, tmp_path):
+def test_a_killed_worker_leaves_no_process_and_restarts_resume_from_the_backup(spark, uneven_dataset, tmp_path, caplog):
     partial = tmp_path / "run.petseg-partial"
     cfg = train_config(tmp_path, uneven_dataset, "train.num_slots=2", "train.epochs=3", "train.preview_images=0")
     # Without restarts the run fails, and the other worker's process ends with its task, at once.
@@ -193,6 +210,8 @@ def test_a_killed_worker_leaves_no_process_and_restarts_resume_from_the_backup(s
     with pytest.raises(Exception, match=r"training worker 1 of 2 failed \(exit code -9\)"):
         run_train(spark, cfg=cfg)
     assert killed, "the test never found worker 1's training process"
+    assert re.search(r"training failed: training worker 1 of 2 failed \(exit code -9\), with no restart left "
+                     r"\(train.max_restarts=0\)\..*re-run the job to resume it, or set train.max_restarts=N", caplog.text)
     deadline = time.monotonic() + 20
     while training_processes() and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -280,15 +299,20 @@ FAKE_GPU_DISCOVERY = '#!/usr/bin/env bash\necho \'{"name": "gpu", "addresses": [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("use_gpu", [False, True], ids=["cpu", "gpu-scheduling"])
+@pytest.mark.parametrize("use_gpu", [False, True], ids=["cpu-killed-and-restarted", "gpu-scheduling"])
 def test_two_workers_on_two_executor_processes(tiny_dataset, tmp_path, use_gpu):
     """local-cluster[2,1,2048]: two executor JVMs, one barrier task each, MultiWorkerMirroredStrategy.
 
     With use_gpu, Spark's GPU scheduling is real (a discovery script reports two fake GPUs per
     worker, each task gets one); TensorFlow then finds no CUDA device and trains on the CPU.
+    Without, worker 1's training process is killed in epoch 2: Spark, although it may retry a task
+    4 times, does not retry the barrier stage, and train.max_restarts=1 resumes the run from epoch
+    1's backup (one variant only: each restart starts TensorFlow again on both executors).
     """
+    restart = not use_gpu
     args = [f"data.dataset={tiny_dataset}", f"train.output_dir={tmp_path / 'run'}", *TINY, "train.num_slots=2",
-            "spark.master=local-cluster[2,1,2048]", "train.epochs=1", f"train.use_gpu={str(use_gpu).lower()}"]
+            "spark.master=local-cluster[2,1,2048]", f"train.epochs={2 if restart else 1}",
+            f"train.use_gpu={str(use_gpu).lower()}"]
     if use_gpu:
         script = tmp_path / "fake_gpus.sh"
         script.write_text(FAKE_GPU_DISCOVERY)
@@ -303,12 +327,18 @@ def test_two_workers_on_two_executor_processes(tiny_dataset, tmp_path, use_gpu):
             "    spark.task.resource.gpu.amount: '1'\n"
         )
         args += ["--conf", str(gpu_conf)]
+    killed: list[int] = []
+    if restart:
+        retries = tmp_path / "retries.yaml"
+        retries.write_text("spark:\n  conf:\n    spark.task.maxFailures: '4'\n")
+        args += ["train.max_restarts=1", "--conf", str(retries)]
+        killed = kill_worker_1_at_the_next_backup(tmp_path / "run.petseg-partial")
     env = {k: v for k, v in os.environ.items() if k != "PYSPARK_PYTHON"}
     done = subprocess.run([sys.executable, "-c", TWO_WORKERS, *args], capture_output=True, text=True, env=env,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
-    assert result["workers"] == 2 and len(result["history"]) == 1
+    assert result["workers"] == 2 and [h["epoch"] for h in result["history"]] == ([1, 2] if restart else [1])
     shards = {r["rank"]: r["shard_rows"] for r in result["progress"] if "shard_rows" in r}
     devices = {r["rank"]: r["cuda_visible_devices"] for r in result["progress"] if "shard_rows" in r}
     assert devices == ({0: "0", 1: "0"} if use_gpu else {0: "", 1: ""})  # the runner's assignment per task
@@ -317,6 +347,17 @@ def test_two_workers_on_two_executor_processes(tiny_dataset, tmp_path, use_gpu):
     assert all(len(json.dumps(r)) < 1000 for r in result["progress"])  # counts, not ids, go to the driver
     saved = list((tmp_path / "run").rglob("saved_model.pb"))
     assert saved == [tmp_path / "run" / "model" / "saved_model.pb"]  # exactly one exported model
+    if restart:
+        assert killed, "the test never found worker 1's training process"
+        # One kill, one restart by petseg: Spark retried nothing itself.
+        assert re.findall(r"training failed: training worker 1 of 2 failed \(exit code -9\)\. Spark does not retry "
+                          r"a failed barrier stage.*; restart (\d) of 1 resumes", done.stderr) == ["1"], done.stderr[-4000:]
+        messages = [r["message"] for r in result["progress"]]
+        resumed = [m for m in messages if m.startswith("resuming from the backup")]
+        assert resumed == ["resuming from the backup at epoch 2"], messages
+        assert [m.split()[1] for m in messages if m.startswith("epoch ")] == ["1/2", "2/2"]  # each epoch trained once
+        assert epochs_recorded(tmp_path / "run") == [1, 2] and not (tmp_path / "run" / "backup").exists()
+        assert training_processes() == {}
 
 
 def test_mixed_precision_and_xla_options_train(spark, tiny_dataset, tmp_path):

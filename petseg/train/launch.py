@@ -250,15 +250,25 @@ def run_train(spark: SparkSession, *, cfg: Config) -> TrainResult:
 
 
 def _run_with_restarts(run: Callable[[], dict[str, Any]], *, restarts: int) -> dict[str, Any]:
-    """Call ``run`` (the runner), again after a failure up to ``restarts`` times; each resumes from the backup."""
+    """Call ``run`` (the runner), again after a failure up to ``restarts`` times; each resumes from the backup.
+
+    These are the only retries a run gets. Spark never retries the runner's barrier stage, whatever
+    ``spark.task.maxFailures``: it is a ResultStage (a ``collect``), and a failed barrier ResultStage
+    aborts the job ("Could not recover from a failed barrier ResultStage", DAGScheduler's
+    handleTaskCompletion, in Spark 3.5 and 4.0).
+    """
     for attempt in range(restarts + 1):
         try:
             return run()
         except Exception as exc:  # a failed barrier stage reaches the driver as a Py4JJavaError
             if attempt == restarts:
+                log.error("training failed: %s, with no restart left (train.max_restarts=%d). The run's working "
+                          "folder keeps the last epoch's backup: re-run the job to resume it, or set "
+                          "train.max_restarts=N to have the driver restart it N times",
+                          _failure_reason(exc), restarts)
                 raise
-            log.warning("training failed (%s); restart %d of %d resumes from the last epoch's backup",
-                        _failure_reason(exc), attempt + 1, restarts)
+            log.warning("training failed: %s. Spark does not retry a failed barrier stage; restart %d of %d "
+                        "resumes from the last epoch's backup", _failure_reason(exc), attempt + 1, restarts)
     raise AssertionError("unreachable")
 
 

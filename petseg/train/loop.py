@@ -55,8 +55,8 @@ def main(job_file: str) -> None:
     try:
         result = train(spec)
     except StoppedAfterEpoch as stop:
-        # A clean exit, not a failure: a failed task would make Spark retry the stage, and the retry
-        # would resume from the backup and train past the stop.
+        # A clean exit, not a failure: a failure would have the driver restart the run
+        # (train.max_restarts), and the restart would resume from the backup and train past the stop.
         result = {"rank": spec["rank"], "stopped_after_epoch": stop.epoch}
     Path(spec["result_file"]).write_text(json.dumps(result))
 
@@ -158,7 +158,8 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
 
         history_file = output_dir / "history.jsonl"
         # BackupAndRestore: every worker restores from the chief's backup; the others write theirs to
-        # temporary folders. A re-run, or Spark's retry of the barrier stage, resumes after the last epoch.
+        # temporary folders. A re-run, or a restart by train.max_restarts, resumes after the last epoch,
+        # also when it failed after fit: the backup stays until the finished run is published.
         callbacks = _callbacks(chief=chief, epochs=train_cfg["epochs"], history_file=history_file,
                                stop_after_epoch=train_cfg.get("stop_after_epoch"))
         start = time.perf_counter()
@@ -232,6 +233,13 @@ def _callbacks(*, chief: bool, epochs: int, history_file: Path, stop_after_epoch
                     progress(f"resuming from the backup at epoch {epoch + 1}", epoch=epoch + 1)
             self._first = False
 
+        def on_train_end(self, logs: dict | None = None) -> None:
+            if self._first and chief:
+                # No epoch began: the backup holds the last one, and only saving the model was left
+                # (an earlier attempt failed after fit). Keep only the epochs the backup holds.
+                _truncate_history(history_file, epochs=epochs)
+                progress(f"resuming from the backup: all {epochs} epochs are trained", epochs=epochs)
+
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             if not chief:
                 return
@@ -269,9 +277,30 @@ def _callbacks(*, chief: bool, epochs: int, history_file: Path, stop_after_epoch
 
     # Order matters: an epoch is recorded, then backed up, then StopAfterEpoch may end the run.
     callbacks = [ShareMovingStatistics(), EpochReporter(),
-                 tf.keras.callbacks.BackupAndRestore(backup_dir=str(history_file.parent / "backup"))]
+                 _backup_and_restore(backup_dir=history_file.parent / "backup")]
     if stop_after_epoch:
         callbacks.append(StopAfterEpoch())
     return callbacks
 
 
+def _backup_and_restore(*, backup_dir: Path) -> Any:
+    """tf-keras's ``BackupAndRestore`` callback, its backup kept when ``fit`` ends.
+
+    Parameters
+    ----------
+    backup_dir
+        The run's ``backup/`` folder, in its working folder.
+
+    Returns
+    -------
+    tf.keras.callbacks.BackupAndRestore
+        With ``delete_checkpoint=False``: by default its ``on_train_end`` deletes the chief's backup
+        (``WorkerTrainingState.delete_backup``, tf_keras/src/callbacks.py in tf-keras 2.21) as ``fit``
+        returns, before the model is saved and the outputs are written. An attempt that failed there,
+        or lost a worker in the collective save, would leave the next one no backup, and it would train
+        every epoch again; kept, the next attempt restores the last epoch and trains none.
+        :func:`petseg.train.rundir.publish` deletes ``backup/`` once the run is finished.
+    """
+    import tensorflow as tf
+
+    return tf.keras.callbacks.BackupAndRestore(backup_dir=str(backup_dir), delete_checkpoint=False)
