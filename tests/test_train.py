@@ -135,6 +135,13 @@ def test_a_rerun_into_the_same_folder_reports_only_its_own_epochs(spark, tiny_da
     with pytest.raises(InputError, match="is not a folder petseg wrote as a run .*point train.output_dir at a new or empty folder"):
         run_train(spark, cfg=cfg)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    # A second run into a folder another run is training into waits for it, rather than share its backup.
+    (tmp_path / "run.petseg-lock").write_text(json.dumps({"host": "h", "pid": 1, "id": "x", "refreshed": time.time()}))
+    cfg = config.load(overrides=[f"data.dataset={tiny_dataset}", f"train.output_dir={tmp_path / 'run'}", *TINY,
+                                 "train.local_mode=true"], job="train")
+    with pytest.raises(InputError, match=r"train.output_dir=.*run' is being written by another job"):
+        run_train(spark, cfg=cfg)
+    assert not (tmp_path / "run.petseg-partial").exists()
 
 
 @pytest.fixture(scope="module")

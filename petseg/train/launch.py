@@ -205,48 +205,49 @@ def run_train(spark: SparkSession, *, cfg: Config) -> TrainResult:
     if t.batch_size % workers:
         raise TrainError(f"train.batch_size={t.batch_size} does not divide over {workers} workers; use a multiple of {workers}")
     storage = storage_for(spark)
-    run = rundir.open_run(storage, output_dir=t.output_dir,
-                          identity=rundir.identity(cfg, dataset_fingerprint=dataset_fingerprint(cfg.data.dataset)))
-    log.info("%s", run.note)
-    spec = {**training_spec(cfg, stats=stats), "work_dir": run.work_dir, "run_id": run.run_id}
-    # Executors reach the driver at spark.driver.host; its sockets listen on spark.driver.bindAddress.
-    conf = spark.sparkContext.getConf()
-    host = conf.get("spark.driver.host", "127.0.0.1")
-    log.info("training on %d worker(s): %d train / %d test rows, global batch %d",
-             workers, stats["train"][0], stats["test"][0], t.batch_size)
-    from petseg.train.task import train_task
+    # One run at a time in train.output_dir: two would share its working folder and backup.
+    with writer_lock(storage, t.output_dir, key="train.output_dir"):
+        run = rundir.open_run(storage, output_dir=t.output_dir,
+                              identity=rundir.identity(cfg, dataset_fingerprint=dataset_fingerprint(cfg.data.dataset)))
+        log.info("%s", run.note)
+        spec = {**training_spec(cfg, stats=stats), "work_dir": run.work_dir, "run_id": run.run_id}
+        # Executors reach the driver at spark.driver.host; its sockets listen on spark.driver.bindAddress.
+        conf = spark.sparkContext.getConf()
+        host = conf.get("spark.driver.host", "127.0.0.1")
+        log.info("training on %d worker(s): %d train / %d test rows, global batch %d",
+                 workers, stats["train"][0], stats["test"][0], t.batch_size)
+        from petseg.train.task import train_task
 
-    sections = {name: to_dict(getattr(cfg, name)) for name in ("data", "model", "train")}
-    # tracked_run redacts credentials' values by key, as training_spec does for the workers' job file.
-    with tracked_run(cfg.mlflow, name="petseg-train", params={**flatten(sections), "workers": workers},
-                     tags={"petseg.job": "train"}) as tracked:
-        if tracked is not None:
-            spec["mlflow_run_id"] = tracked.run_id  # the chief writes it into the model's metadata
-        with progress_server(host=host, bind=conf.get("spark.driver.bindAddress", host)) as (address, records):
-            result = _run_with_restarts(lambda: runner.run(train_task, spec=spec, progress_address=address),
-                                        restarts=t.max_restarts)
-        if "stopped_after_epoch" in result:
-            raise TrainStopped(
-                f"stopped after epoch {result['stopped_after_epoch']} as configured (train.stop_after_epoch); run "
-                f"{run.run_id} waits in {run.work_dir}: re-run without train.stop_after_epoch to resume it"
-            )
-        with writer_lock(storage, t.output_dir, key="train.output_dir"):
+        sections = {name: to_dict(getattr(cfg, name)) for name in ("data", "model", "train")}
+        # tracked_run redacts credentials' values by key, as training_spec does for the workers' job file.
+        with tracked_run(cfg.mlflow, name="petseg-train", params={**flatten(sections), "workers": workers},
+                         tags={"petseg.job": "train"}) as tracked:
+            if tracked is not None:
+                spec["mlflow_run_id"] = tracked.run_id  # the chief writes it into the model's metadata
+            with progress_server(host=host, bind=conf.get("spark.driver.bindAddress", host)) as (address, records):
+                result = _run_with_restarts(lambda: runner.run(train_task, spec=spec, progress_address=address),
+                                            restarts=t.max_restarts)
+            if "stopped_after_epoch" in result:
+                raise TrainStopped(
+                    f"stopped after epoch {result['stopped_after_epoch']} as configured (train.stop_after_epoch); run "
+                    f"{run.run_id} waits in {run.work_dir}: re-run without train.stop_after_epoch to resume it"
+                )
             rundir.publish(storage, run)
-        result = {**result, "model_dir": run.published(result["model_dir"]),
-                  "outputs": {k: run.published(v) for k, v in result["outputs"].items()}}
-        logged = None
-        if tracked is not None:
-            from petseg.infer.mlflow_model import log_model
+            result = {**result, "model_dir": run.published(result["model_dir"]),
+                      "outputs": {k: run.published(v) for k, v in result["outputs"].items()}}
+            logged = None
+            if tracked is not None:
+                from petseg.infer.mlflow_model import log_model
 
-            tracked.log_history(result["history"])
-            logged = log_model(urls.local_path(run.output_dir), run_id=tracked.run_id,
-                               registered_model_name=cfg.mlflow.registered_model_name)
-            for path in result["outputs"].values():
-                tracked.log_artifacts(path)
-    return TrainResult(workers=workers, history=result["history"], model_dir=result["model_dir"],
-                       outputs=result["outputs"], final_metrics=result["final_metrics"], progress=list(records),
-                       run_id=run.run_id, note=run.note, mlflow_model=logged and logged.uri,
-                       registered_model=logged and logged.registered_uri)
+                tracked.log_history(result["history"])
+                logged = log_model(urls.local_path(run.output_dir), run_id=tracked.run_id,
+                                   registered_model_name=cfg.mlflow.registered_model_name)
+                for path in result["outputs"].values():
+                    tracked.log_artifacts(path)
+        return TrainResult(workers=workers, history=result["history"], model_dir=result["model_dir"],
+                           outputs=result["outputs"], final_metrics=result["final_metrics"], progress=list(records),
+                           run_id=run.run_id, note=run.note, mlflow_model=logged and logged.uri,
+                           registered_model=logged and logged.registered_uri)
 
 
 def _run_with_restarts(run: Callable[[], dict[str, Any]], *, restarts: int) -> dict[str, Any]:

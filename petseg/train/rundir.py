@@ -86,10 +86,12 @@ def open_run(storage: Storage, *, output_dir: str, identity: Mapping[str, Any]) 
 
 def publish(storage: Storage, run: RunFolder) -> None:
     """Replace ``run.output_dir`` with the finished working folder, its manifest written last."""
+    # Checked again (the folder may have changed while the run trained) before anything is removed: a
+    # refusal leaves the finished run resumable, its backup holding every epoch.
+    check_replaceable(storage, run.output_dir, kind="run", key="train.output_dir")
     work = local_path(run.work_dir)
     (work / RUN_FILE).unlink()
-    shutil.rmtree(work / "backup", ignore_errors=True)  # BackupAndRestore deletes it at the end; be sure
-    check_replaceable(storage, run.output_dir, kind="run", key="train.output_dir")  # it may have changed since
+    shutil.rmtree(work / "backup", ignore_errors=True)  # kept until now (loop._backup_and_restore)
     write_manifest(storage, Staged(run.work_dir, rows={}), kind="run")
     replace(storage, run.work_dir, run.output_dir)
 
