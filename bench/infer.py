@@ -75,7 +75,7 @@ def bare_loop(run: Path, photos: Path, out: Path, *, batch: int) -> float:
     import pyarrow.parquet as pq
 
     from petseg.data.decode import decode_for_model, resize_mask
-    from petseg.infer.segment import class_fractions, encode_mask
+    from petseg.model.segment import class_fractions, encode_mask
     from petseg.io.fs import list_files, read_file
     from petseg.model import artifact
 

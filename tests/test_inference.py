@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 
 from petseg.data import decode, render  # noqa: E402
 from petseg.errors import InputError  # noqa: E402
-from petseg.infer.segment import segment_images  # noqa: E402
+from petseg.model.segment import segment_images  # noqa: E402
 from petseg.model import artifact  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def test_masks_match_a_local_predict_at_original_size(run_dir):
 def test_the_udf_pipeline_keeps_order_and_errors_and_decodes_ahead_of_the_model(run_dir, tmp_path):
     import cv2
 
-    from petseg.infer.segment import ImageRow, segment_stream
+    from petseg.model.segment import ImageRow, segment_stream
 
     loaded = artifact.load(str(run_dir))
     pets = [render.synthetic_pet(i, seed=5, size=(40 + 8 * i, 30 + 4 * i)) for i in range(7)]

@@ -86,7 +86,7 @@ def test_stages_import_without_tensorflow(module):
 def test_inference_code_on_an_executor_pulls_in_neither_training_nor_petastorm_nor_mlflow():
     # What the UDF imports on an executor: the segmentation core, the model artifact, file reads.
     loaded = _loaded_after_import(
-        "import petseg.infer, petseg.infer.segment, petseg.model.artifact, petseg.io.fs, petseg.evaluate"
+        "import petseg.infer, petseg.model.segment, petseg.model.artifact, petseg.io.fs, petseg.evaluate"
     )
     assert not {m for m in loaded if m.startswith(("petseg.train", "petastorm", "mlflow"))}
 

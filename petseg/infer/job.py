@@ -110,7 +110,7 @@ def segment_udf(
 
     @pandas_udf(SEGMENTATION_SCHEMA)  # type: ignore[call-overload]
     def segment(batches: Iterator[Tuple[pd.Series, pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
-        from petseg.infer.segment import image_rows, results_frame, segment_stream
+        from petseg.model.segment import image_rows, results_frame, segment_stream
 
         prepare_task_environment()  # before the load imports TensorFlow
         loaded = artifact.load(model, threads=threads, version=model_version)

@@ -2,7 +2,7 @@
 
 It carries the run folder's SavedModel and ``petseg-model.json`` as artifacts and petseg's own
 package as code, so that ``mlflow.pyfunc.load_model`` (a notebook, Model Serving, a batch job) decodes,
-preprocesses and upsamples exactly as the inference UDF: the same :mod:`petseg.infer.segment`
+preprocesses and upsamples exactly as the inference UDF: the same :mod:`petseg.model.segment`
 pipeline, without Spark. Inference and evaluation by MLflow URI do not load the pyfunc; they open the
 run folder inside it (:mod:`petseg.model.registry`).
 
@@ -47,7 +47,7 @@ class PetsegModel(mlflow.pyfunc.PythonModel):
         self._model = artifact.load(str(Path(context.artifacts[METADATA_ARTIFACT]).parent))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from petseg.infer.segment import image_rows, results_frame, segment_stream
+        from petseg.model.segment import image_rows, results_frame, segment_stream
 
         options = {**DEFAULT_PARAMS, **(params or {})}
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({IMAGE_COLUMN: list(model_input)})

@@ -70,7 +70,7 @@ def error_reason() -> Column:
 
 def observe_counts(frame: DataFrame) -> DataFrame:
     """``frame`` reporting, per micro-batch, how many rows it segmented and how many failed for each reason."""
-    from petseg.infer.segment import ERROR_REASONS
+    from petseg.model.segment import ERROR_REASONS
 
     reason = error_reason()
     return frame.observe(
