@@ -28,7 +28,7 @@ def register(run: Path, *, store: str, name: str, alias: str) -> None:
     """Log ``run`` as training does, as version 1 of ``name`` in the MLflow ``store``, and point ``alias`` at it."""
     import mlflow
 
-    from petseg.infer.mlflow_model import log_model
+    from petseg.model.pyfunc import log_model
 
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(store)

@@ -93,8 +93,8 @@ def test_inference_code_on_an_executor_pulls_in_neither_training_nor_petastorm_n
 
 def test_the_mlflow_model_imports_where_there_is_no_spark():
     # Model Serving and plain Python environments load the pyfunc training logs: no pyspark there.
-    loaded = _loaded_after_import('sys.modules["pyspark"] = None; import petseg.infer.mlflow_model')
-    assert "petseg.infer.mlflow_model" in loaded and not {m for m in loaded if m.startswith("petseg.train")}
+    loaded = _loaded_after_import('sys.modules["pyspark"] = None; import petseg.model.pyfunc')
+    assert "petseg.model.pyfunc" in loaded and not {m for m in loaded if m.startswith("petseg.train")}
 
 
 def test_training_reads_its_arrays_without_petastorm():

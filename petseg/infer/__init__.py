@@ -1,7 +1,7 @@
 """Stage 3: segment image tables with a trained model in a batched Spark UDF.
 
 The Spark job's names load on first use (PEP 562): the MLflow model
-(:mod:`petseg.infer.mlflow_model`) and :mod:`petseg.model.segment` run where Spark is not installed.
+(:mod:`petseg.model.pyfunc`) and :mod:`petseg.model.segment` run where Spark is not installed.
 """
 
 from typing import Any

@@ -237,7 +237,7 @@ def run_train(spark: SparkSession, *, cfg: Config) -> TrainResult:
                       "outputs": {k: run.published(v) for k, v in result["outputs"].items()}}
             logged = None
             if tracked is not None:
-                from petseg.infer.mlflow_model import log_model
+                from petseg.model.pyfunc import log_model
 
                 tracked.log_history(result["history"])
                 logged = log_model(urls.local_path(run.output_dir), run_id=tracked.run_id,
