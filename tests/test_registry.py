@@ -310,3 +310,13 @@ def test_a_version_number_registered_again_is_fetched_again(node_tmp, client, tr
     again = pin_tiny(uri, tracking)
     assert again.uri == first.uri == "models:/petseg-test-again/1"
     assert (registry.fetch(again) / "MLmodel").read_text().endswith("# second\n")
+
+
+def test_a_model_logged_before_the_pyfunc_moved_still_unpickles():
+    """MLflow pickles PetsegModel by reference: models logged by earlier releases name petseg.infer.mlflow_model."""
+    import pickle
+
+    from petseg.model.pyfunc import PetsegModel
+
+    logged_earlier = pickle.dumps(PetsegModel(), protocol=0).replace(b"petseg.model.pyfunc", b"petseg.infer.mlflow_model")
+    assert type(pickle.loads(logged_earlier)) is PetsegModel
