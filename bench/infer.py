@@ -107,7 +107,7 @@ def job_rate(run: Path, photos: Path, out: Path, *, batch: int, count: int) -> t
         cfg = config.parse_job_arguments(
             [f"spark.master=local[{CORES}]", f"infer.model={run}", f"infer.input={photos}",
              f"infer.output={out}", f"infer.batch_size={batch}", *extra], job="infer")
-        spark = get_or_create(cfg.spark)
+        spark = get_or_create(**config.to_dict(cfg.spark))
         spark.sparkContext.setLogLevel("ERROR")
         start = time.perf_counter()
         report = run_infer(spark, infer=cfg.infer)

@@ -63,7 +63,7 @@ def main() -> None:
         from petseg.ingest.convert import run_ingest
         from petseg.session import get_or_create
 
-        spark = get_or_create(cfg.spark)
+        spark = get_or_create(**config.to_dict(cfg.spark))
         spark.sparkContext.setLogLevel("ERROR")
         run_ingest(spark, data=cfg.data)  # warm-up: JVM JIT, Python worker start-up
         times, phases = [], []

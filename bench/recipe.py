@@ -48,7 +48,7 @@ def main() -> None:
     from petseg.session import get_or_create
     from petseg.train import run_train
 
-    spark = get_or_create(cfg.spark)
+    spark = get_or_create(**config.to_dict(cfg.spark))
     spark.sparkContext.setLogLevel("ERROR")
     minutes = {}
     start = time.perf_counter()

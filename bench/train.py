@@ -121,7 +121,7 @@ def main() -> None:
         from petseg.session import get_or_create
         from petseg.train import run_train
 
-        spark = get_or_create(cfg.spark)
+        spark = get_or_create(**config.to_dict(cfg.spark))
         spark.sparkContext.setLogLevel("ERROR")
         run_ingest(spark, data=cfg.data)
         # The reader is measured at the recipe's 128x128 (2,000 train rows), whatever the model trains on.

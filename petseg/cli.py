@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # A session that exists already (a notebook's, Databricks', a caller's) is not petseg's to stop.
         owned = SparkSession.getActiveSession() is None
-        spark = get_or_create(cfg.spark)
+        spark = get_or_create(**config.to_dict(cfg.spark))
         _run_stages(spark, invocation.job, cfg, current)
     except Exception as exc:  # noqa: BLE001 - every failure ends in the one line below
         if not isinstance(exc, (InputError, ConfigError)):

@@ -25,11 +25,10 @@ from petseg.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from petseg.data.schema import SPLIT
 from petseg.env import prepare_task_environment
 from petseg.errors import InputError, RejectedInput
-from petseg.infer.job import check_gpu_task_slots
 from petseg.io.fs import storage_for
 from petseg.io.publish import atomic_output, check_replaceable, verify
 from petseg.model import artifact
-from petseg.session import task_cpus
+from petseg.session import check_gpu_task_slots, task_cpus
 
 if TYPE_CHECKING:
     from petseg.model.registry import MlflowModel

@@ -1,34 +1,86 @@
-"""The Spark session every petseg stage runs on."""
+"""The Spark session every petseg stage runs on, and the checks of its confs that stages share."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from pyspark.sql import SparkSession
 
-from petseg.config import SparkConfig
 from petseg.env import prepare_process_environment
+from petseg.errors import InputError
+
+if TYPE_CHECKING:
+    from pyspark import SparkConf
+    from pyspark.sql.conf import RuntimeConfig
+
+#: Spark confs GPU training needs on a cluster (the runner schedules one barrier task per GPU group).
+GPU_CONFS = ("spark.executor.resource.gpu.amount", "spark.task.resource.gpu.amount")
 
 
-def get_or_create(spark_cfg: SparkConfig) -> SparkSession:
-    """Return the active session, or build one from the ``spark`` config section.
+def get_or_create(*, master: str | None, remote: str | None = None, app_name: str = "petseg",
+                  conf: Mapping[str, Any] | None = None) -> SparkSession:
+    """Return the active session, or build one (the ``spark`` config section's keys, as arguments).
 
     Under spark-submit or on Databricks a session (and its master) already exists; its settings win,
-    and the ``spark.conf`` entries are applied only where Spark allows changing them at run time.
-    With ``spark.remote`` the session is a Spark Connect client of that server (``spark.master`` is
-    the server's business), and only the SQL confs among ``spark.conf`` can apply.
+    and the ``conf`` entries are applied only where Spark allows changing them at run time. With
+    ``remote`` the session is a Spark Connect client of that server (``master`` is the server's
+    business), and only the SQL confs among ``conf`` can apply.
     """
-    prepare_process_environment(master=None if spark_cfg.remote else spark_cfg.master)
-    if spark_cfg.remote:
-        builder = SparkSession.builder.remote(spark_cfg.remote)
+    prepare_process_environment(master=None if remote else master)
+    if remote:
+        builder = SparkSession.builder.remote(remote)
     else:
-        builder = SparkSession.builder.appName(spark_cfg.app_name)
-        if spark_cfg.master:
-            builder = builder.master(spark_cfg.master)
-    for key, value in spark_cfg.conf.items():
+        builder = SparkSession.builder.appName(app_name)
+        if master:
+            builder = builder.master(master)
+    for key, value in (conf or {}).items():
         builder = builder.config(key, str(value))
     return builder.getOrCreate()
+
+
+class GpuSchedulingError(InputError):
+    """Spark's GPU confs cannot give each task's model a GPU of its own; the message names the confs."""
+
+
+def check_gpu_confs(spark: SparkSession) -> None:
+    """Raise naming the missing Spark confs when GPU training is asked for on executors."""
+    conf = spark.sparkContext.getConf()
+    missing = [key for key in GPU_CONFS if not conf.contains(key)]
+    master = conf.get("spark.master", "")
+    if master.startswith(("spark://", "local-cluster")) and not (
+        conf.contains("spark.executor.resource.gpu.discoveryScript") or conf.contains("spark.worker.resource.gpu.discoveryScript")
+    ):
+        missing.append("spark.executor.resource.gpu.discoveryScript (e.g. conf/gpu/get_gpus_resources.sh)")
+    if missing:
+        raise GpuSchedulingError(
+            "train.use_gpu=true needs Spark's GPU scheduling, but these confs are not set: " + ", ".join(missing)
+            + ". Set them at spark-submit (see docs/training.md, 'GPUs'), or set train.use_gpu=false"
+        )
+
+
+def check_gpu_task_slots(conf: "SparkConf | RuntimeConfig") -> None:
+    """Refuse GPU scheduling under which a reused Python worker would be handed another task's GPU.
+
+    Each worker's TensorFlow is pinned to the GPUs of its first task (:func:`petseg.env.pin_task_gpus`)
+    and cannot move; Spark reuses workers and gives a task whichever of its executor's GPUs is free,
+    so an executor with several GPUs, each task taking some of them, needs fresh workers.
+
+    Raises
+    ------
+    GpuSchedulingError
+        Naming the confs and the two ways out.
+    """
+    executor = float(conf.get("spark.executor.resource.gpu.amount", "0"))
+    task = float(conf.get("spark.task.resource.gpu.amount", "0"))
+    reuse = conf.get("spark.python.worker.reuse", "true").strip().lower() == "true"
+    if task > 0 and executor > 1 and task < executor and reuse:
+        raise GpuSchedulingError(
+            f"spark.executor.resource.gpu.amount={conf.get('spark.executor.resource.gpu.amount')} with "
+            f"spark.task.resource.gpu.amount={conf.get('spark.task.resource.gpu.amount')} lets Spark give a reused "
+            "Python worker, whose TensorFlow is pinned to one GPU, a task on another; give each executor one GPU "
+            "(spark.executor.resource.gpu.amount=1, as many executors as GPUs) or set spark.python.worker.reuse=false"
+        )
 
 
 def is_connect(spark: SparkSession) -> bool:

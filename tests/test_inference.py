@@ -405,7 +405,7 @@ def test_inference_that_segments_nothing_fails_with_one_line(spark, run_dir, tmp
 def test_gpu_confs_that_would_move_a_pinned_worker_are_refused():
     from pyspark import SparkConf
 
-    from petseg.infer.job import GpuSchedulingError, check_gpu_task_slots
+    from petseg.session import GpuSchedulingError, check_gpu_task_slots
 
     def conf(**values: str) -> SparkConf:
         return SparkConf(loadDefaults=False).setAll([(k.replace("_", "."), v) for k, v in values.items()])

@@ -296,7 +296,7 @@ TWO_WORKERS = textwrap.dedent(
     from petseg.session import get_or_create
     from petseg.train import run_train
     cfg = config.parse_job_arguments(sys.argv[1:], job="train")
-    result = run_train(get_or_create(cfg.spark), cfg=cfg)
+    result = run_train(get_or_create(**config.to_dict(cfg.spark)), cfg=cfg)
     print("RESULT " + json.dumps({"workers": result.workers, "progress": result.progress, "history": result.history}))
     """
 )

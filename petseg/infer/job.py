@@ -24,13 +24,10 @@ from petseg.io.fs import is_glob, storage_for
 from petseg.io.publish import atomic_output, check_replaceable, verify_if_published
 from petseg.io.urls import is_mlflow_uri, is_table_name
 from petseg.model import artifact
-from petseg.session import session_confs, task_cpus
+from petseg.session import check_gpu_task_slots, session_confs, task_cpus
 from petseg.tracking import flatten, tracked_run
 
 if TYPE_CHECKING:
-    from pyspark import SparkConf
-    from pyspark.sql.conf import RuntimeConfig
-
     from petseg.model.registry import MlflowModel
 
 log = logging.getLogger(__name__)
@@ -53,34 +50,6 @@ SEGMENTATION_SCHEMA = StructType(
         StructField("error", StringType(), True),
     ]
 )
-
-
-def check_gpu_task_slots(conf: "SparkConf | RuntimeConfig") -> None:
-    """Refuse GPU scheduling under which a reused Python worker would be handed another task's GPU.
-
-    Each worker's TensorFlow is pinned to the GPUs of its first task (:func:`petseg.env.pin_task_gpus`)
-    and cannot move; Spark reuses workers and gives a task whichever of its executor's GPUs is free,
-    so an executor with several GPUs, each task taking some of them, needs fresh workers.
-
-    Raises
-    ------
-    GpuSchedulingError
-        Naming the confs and the two ways out.
-    """
-    executor = float(conf.get("spark.executor.resource.gpu.amount", "0"))
-    task = float(conf.get("spark.task.resource.gpu.amount", "0"))
-    reuse = conf.get("spark.python.worker.reuse", "true").strip().lower() == "true"
-    if task > 0 and executor > 1 and task < executor and reuse:
-        raise GpuSchedulingError(
-            f"spark.executor.resource.gpu.amount={conf.get('spark.executor.resource.gpu.amount')} with "
-            f"spark.task.resource.gpu.amount={conf.get('spark.task.resource.gpu.amount')} lets Spark give a reused "
-            "Python worker, whose TensorFlow is pinned to one GPU, a task on another; give each executor one GPU "
-            "(spark.executor.resource.gpu.amount=1, as many executors as GPUs) or set spark.python.worker.reuse=false"
-        )
-
-
-class GpuSchedulingError(InputError):
-    """Spark's GPU confs would put a task's model on another task's GPU."""
 
 
 class NothingSegmentedError(InputError):

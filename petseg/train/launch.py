@@ -17,15 +17,12 @@ from petseg.errors import InputError
 from petseg.io import urls
 from petseg.io.fs import storage_for
 from petseg.io.publish import verify, writer_lock
+from petseg.session import check_gpu_confs
 from petseg.tracking import flatten, tracked_run
 from petseg.train import rundir
 from petseg.train.progress import progress_server
 
 log = logging.getLogger(__name__)
-
-#: Spark confs GPU training needs on a cluster (the runner schedules one barrier task per GPU group).
-GPU_CONFS = ("spark.executor.resource.gpu.amount", "spark.task.resource.gpu.amount")
-
 
 class TrainError(InputError):
     """Training cannot start as configured; the message says what to change."""
@@ -60,22 +57,6 @@ class TrainResult:
             lines.append(f"  mlflow: {self.mlflow_model}{registered}")
         lines.append(f"  outputs: {', '.join(self.outputs.values())}")
         return "\n".join(lines)
-
-
-def check_gpu_confs(spark: SparkSession) -> None:
-    """Raise naming the missing Spark confs when GPU training is asked for on executors."""
-    conf = spark.sparkContext.getConf()
-    missing = [key for key in GPU_CONFS if not conf.contains(key)]
-    master = conf.get("spark.master", "")
-    if master.startswith(("spark://", "local-cluster")) and not (
-        conf.contains("spark.executor.resource.gpu.discoveryScript") or conf.contains("spark.worker.resource.gpu.discoveryScript")
-    ):
-        missing.append("spark.executor.resource.gpu.discoveryScript (e.g. conf/gpu/get_gpus_resources.sh)")
-    if missing:
-        raise TrainError(
-            "train.use_gpu=true needs Spark's GPU scheduling, but these confs are not set: " + ", ".join(missing)
-            + ". Set them at spark-submit (see README, 'GPUs'), or set train.use_gpu=false"
-        )
 
 
 def dataset_stats(dataset_url: str) -> dict[str, tuple[int, int]]:
