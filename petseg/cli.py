@@ -1,4 +1,6 @@
-"""The ``petseg`` console script: ``petseg <job> [--conf FILE ...] [key=value ...]``.
+"""The ``petseg`` console script: ``petseg <job> [--conf FILE ...] [key=value ...] [--print-config]``.
+
+``petseg --help`` lists the stages and ``petseg <job> --help`` the keys a stage reads.
 
 The one way in for every entry point: the console script, ``python -m petseg.cli``, the spark-submit
 scripts in jobs/ and Databricks' python_wheel_task all call :func:`main`, which parses the arguments,
@@ -36,7 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"petseg: {stage} failed: {failure_reason(exc)}", file=sys.stderr)
         return 2
+    if invocation.text is not None:  # help or --print-config: nothing to run
+        print(invocation.text, flush=True)
+        return 0
     cfg = invocation.config
+    assert cfg is not None
     current = _CurrentStage(stage=invocation.job)
     spark = None
     status, failure = 0, None

@@ -1,4 +1,5 @@
 import os
+import re
 import sys
 
 import pytest
@@ -24,7 +25,8 @@ def test_base_and_local_layers():
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("data.imagesize=64", r"unknown config key 'data.imagesize'; allowed keys here: source, input, dataset"),
+        ("data.imagesize=64", r"unknown config key 'data.imagesize'; did you mean 'data.image_size'\? allowed keys here: "
+                              r"source, input, dataset"),
         ("nope.x=1", r"unknown config key 'nope"),
         ("data.image_size=big", r"bad value for config key 'data.image_size'.*'big'.*expected int"),
         ("data.source=kaggle", r"'data.source'.*kaggle.*allowed values: synthetic, oxford, tfds"),
@@ -86,7 +88,8 @@ def test_url_normalisation():
 def test_command_line():
     inv = config.parse_command_line(["ingest", "--conf", str(config.LOCAL_CONF), "data.synthetic_count=10"])
     assert inv.job == "ingest" and inv.config.data.synthetic_count == 10
-    with pytest.raises(ConfigError, match="unknown job 'trian'; choose one of ingest, train, infer, evaluate, demo"):
+    with pytest.raises(ConfigError, match="unknown job 'trian'; did you mean 'train'. choose one of ingest, train, infer, "
+                                          "evaluate, demo"):
         config.parse_command_line(["trian"])
     with pytest.raises(ConfigError, match="unknown option '--verbose'"):
         config.parse_command_line(["demo", "--verbose"])
@@ -152,3 +155,43 @@ def test_a_spark_conf_override_keeps_its_dotted_key_whole():
                                  "data.source=synthetic", "data.dataset=/tmp/pets"])
     assert cfg.spark.conf["spark.driver.memory"] == "1g" and cfg.spark.conf["spark.sql.shuffle.partitions"] == "8"
     assert "spark" not in cfg.spark.conf  # not spark -> driver -> memory
+
+
+def test_help_lists_the_stages_and_each_stages_keys_from_base_yaml(capsys):
+    from petseg.cli import main
+    from petseg.config.describe import STAGES, all_keys, key_docs
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {stage}" in out for stage in STAGES) and "petseg <stage> --help" in out
+    assert main(["infer", "--help", "infer.modle=x"]) == 0  # help wins over anything else on the line
+    out = capsys.readouterr().out
+    assert re.search(r"^  infer\.model +\$\{train\.output_dir\}  # The training run to use: ", out, re.M)
+    assert "data.max_image_pixels" in out and "train.epochs" not in out
+    # Every key of the schema has its default in base.yaml, where help reads it.
+    documented = key_docs(config.BASE_CONF.read_text())
+    assert [k for k in all_keys() if k != "spark.conf" and k not in documented] == []
+
+
+def test_print_config_shows_the_resolved_config_with_secrets_redacted_and_runs_nothing(capsys):
+    from petseg.cli import main
+
+    assert main(["ingest", "data.source=synthetic", "data.dataset=/tmp/pets", "spark.conf.fs.s3a.secret.key=abc",
+                 "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "dataset: file:///tmp/pets" in out and "rejects: file:///tmp/pets_rejects" in out
+    assert "fs.s3a.secret.key: <redacted>" in out and "abc" not in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["infer", "infer.modle=x"], r"petseg: infer failed: unknown config key 'infer.modle'; did you mean "
+                                 r"'infer.mode' or 'infer.model'\?"),
+    (["ingset"], r"petseg: command line failed: unknown job 'ingset'; did you mean 'ingest'\?"),
+    (["infer", "--verbose"], r"unknown option '--verbose'; options are --conf FILE, --print-config and --help"),
+    ([], r"usage: petseg .*; petseg --help lists the stages"),
+])
+def test_a_misspelt_key_job_or_option_gets_the_nearest_and_exit_2(capsys, args, message):
+    from petseg.cli import main
+
+    assert main(args) == 2
+    assert re.search(message, capsys.readouterr().err)

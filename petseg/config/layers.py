@@ -8,6 +8,7 @@ Spark work. This is the one module of the library that reads the command line.
 
 from __future__ import annotations
 
+import difflib
 import enum
 import os
 import sys
@@ -72,23 +73,44 @@ JOBS = ("ingest", "train", "infer", "evaluate", "demo")
 
 @dataclass(frozen=True)
 class Invocation:
+    """A parsed command line: the job and its config, or ``text`` to print instead of running (help,
+    ``--print-config``)."""
+
     job: str
-    config: Config
+    config: Config | None
+    text: str | None = None
+
+
+#: What asks for help, anywhere on a command line.
+HELP_FLAGS = ("-h", "--help")
+#: What prints the resolved config instead of running the job.
+PRINT_CONFIG_FLAG = "--print-config"
 
 
 def parse_command_line(argv: Sequence[str] | None = None, *, jobs: Sequence[str] = JOBS) -> Invocation:
     """Parse ``petseg <job> [--conf FILE ...] [key=value ...]`` (``sys.argv[1:]`` when argv is None).
 
+    ``petseg --help`` lists the stages, ``petseg <job> --help`` the keys the job reads, and
+    ``--print-config`` the validated config of the command line; each comes back as ``text``.
     ``demo`` implies ``--conf`` of the packaged local.yaml overlay, so it runs on a laptop as is.
     """
+    from petseg.config.describe import overview, resolved_yaml, stage_help
+
     args = list(sys.argv[1:] if argv is None else argv)
     usage = f"usage: petseg {{{','.join(jobs)}}} [--conf FILE ...] [key=value ...]"
-    if not args or args[0] in ("-h", "--help"):
-        raise ConfigError(usage)
+    if not args:
+        raise ConfigError(f"{usage}; petseg --help lists the stages")
+    if args[0] in HELP_FLAGS:
+        return Invocation(job="help", config=None, text=overview())
     job, rest = args[0], args[1:]
     if job not in jobs:
-        raise ConfigError(f"unknown job {job!r}; choose one of {', '.join(jobs)}. {usage}")
-    return Invocation(job=job, config=parse_job_arguments(rest, local=(job == "demo"), job=job))
+        close = difflib.get_close_matches(job, jobs, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"unknown job {job!r}; {hint}choose one of {', '.join(jobs)} (petseg --help lists them)")
+    if any(a in HELP_FLAGS for a in rest):
+        return Invocation(job=job, config=None, text=stage_help(job, base_yaml=BASE_CONF.read_text()))
+    cfg = parse_job_arguments([a for a in rest if a != PRINT_CONFIG_FLAG], local=(job == "demo"), job=job)
+    return Invocation(job=job, config=cfg, text=resolved_yaml(cfg) if PRINT_CONFIG_FLAG in rest else None)
 
 
 def parse_job_arguments(args: Sequence[str], *, local: bool = False, job: str = "ingest") -> Config:
@@ -105,7 +127,8 @@ def parse_job_arguments(args: Sequence[str], *, local: bool = False, job: str = 
         elif arg.startswith("--conf="):
             conf_files.append(arg.split("=", 1)[1])
         elif arg.startswith("-"):
-            raise ConfigError(f"unknown option {arg!r}; options are --conf FILE, then key=value overrides")
+            raise ConfigError(f"unknown option {arg!r}; options are --conf FILE, --print-config and --help, then "
+                              "key=value overrides")
         else:
             overrides.append(arg)
     return load(conf_files=conf_files, overrides=overrides, job=job)
@@ -135,8 +158,12 @@ def _section_keys(key: str) -> list[str]:
 def _explain(exc: OmegaConfBaseException) -> ConfigError:
     key = getattr(exc, "full_key", None) or "?"
     if isinstance(exc, ConfigKeyError):
+        from petseg.config.describe import nearest_keys
+
         allowed = _section_keys(key)
-        return ConfigError(f"unknown config key {key!r}; allowed keys here: {', '.join(allowed)}")
+        nearest = " or ".join(repr(k) for k in nearest_keys(key))
+        hint = f"did you mean {nearest}? " if nearest else ""
+        return ConfigError(f"unknown config key {key!r}; {hint}allowed keys here: {', '.join(allowed)}")
     if isinstance(exc, MissingMandatoryValue):
         return ConfigError(f"config key {key!r} has no value; set it in a --conf file or as {key}=...")
     if isinstance(exc, ValidationError):
