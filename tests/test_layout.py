@@ -165,12 +165,72 @@ def test_the_reason_of_a_spark_failure_is_its_message_not_its_trace(spark, tmp_p
     assert failure_reason(task.value) == "ValueError: row 7 has no image (the full error is above)"
 
 
-def test_every_path_the_readme_names_exists():
+#: The pages a user reads: the README, docs/ and the benchmarks' page. Everything they name must exist.
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]
+
+
+def _page_texts() -> dict[str, str]:
+    return {str(page.relative_to(ROOT)): page.read_text() for page in PAGES}
+
+
+def _code(text: str) -> str:
+    """The fenced blocks and inline code spans of a page: where commands are written."""
+    fenced = re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M)
+    rest = re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.S | re.M)
+    return "\n".join(fenced + re.findall(r"`([^`\n]+)`", rest))
+
+
+def test_the_docs_pages_exist_and_the_readme_links_each():
     readme = (ROOT / "README.md").read_text()
-    named = set(re.findall(r"\b((?:petseg|jobs|bench|tests|conf)/[\w/.-]*\w)", readme))
-    assert named and sorted(p for p in named if not (ROOT / p).exists()) == []
-    # The Layout block names files under their folder: each must be there, and every room is named.
-    block = readme.split("## Layout\n", 1)[1].split("```")[1]
+    pages = sorted((ROOT / "docs").glob("*.md"))
+    assert pages and [p.name for p in pages if f"](docs/{p.name})" not in readme] == []
+    assert "](bench/README.md)" in readme
+
+
+def test_every_path_the_docs_name_exists():
+    missing = set()
+    for page, text in _page_texts().items():
+        named = set(re.findall(r"\b((?:petseg|jobs|bench|tests|conf|docs|resources)/[\w/.-]*\w)", text))
+        missing |= {f"{page}: {p}" for p in named if not (ROOT / p).exists()}
+    assert sorted(missing) == []
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(text: str) -> set[str]:
+    found: set[str] = set()
+    seen: dict[str, int] = {}
+    body = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    for heading in re.findall(r"^#+ (.+)$", body, flags=re.M):
+        slug = _slug(heading)
+        found.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return found
+
+
+def test_every_link_in_the_docs_resolves():
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"\w+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+            elif anchor and anchor not in _anchors(linked.read_text()):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert broken == []
+
+
+def test_the_layout_block_in_the_docs_names_every_room_and_only_files_that_exist():
+    # docs/architecture.md's Layout block names files under their folder: each must be there, and
+    # every room of petseg/ is named.
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    block = text.split("## Layout\n", 1)[1].split("```")[1]
     folder, missing = None, []
     for line in block.splitlines():
         label = re.match(r"^  (\w+)/\s", line)
@@ -186,6 +246,89 @@ def test_every_path_the_readme_names_exists():
     rooms = {p.name if p.suffix == ".py" else f"{p.name}/" for p in PACKAGE.iterdir()
              if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").exists()}
     assert rooms - set(re.findall(r"\b(\w+\.py|\w+/)", block)) == set()
+
+
+#: Names the pages write like config keys that are Python: Keras's and MLflow's own calls.
+NOT_KEYS = ("model.fit", "model.predict", "mlflow.pyfunc")
+#: ...and file names (data.md, train.py), which are not keys either.
+FILE_TYPES = (".py", ".md", ".yml", ".yaml", ".json", ".png", ".txt")
+
+
+def test_every_config_key_the_docs_name_exists():
+    from petseg.config.describe import all_keys
+
+    keys = set(all_keys())
+    prefixes = {key.rsplit(".", n)[0] for key in keys for n in range(key.count("."))}
+    spark_keys = {key.split(".")[1] for key in keys if key.startswith("spark.")}
+    unknown = set()
+    for page, text in _page_texts().items():
+        for name in re.findall(r"(?<![\w./-])((?:spark|data|model|train|infer|evaluate|mlflow)(?:\.[A-Za-z_]\w*)+)(?![\w(])",
+                               text):
+            if name.endswith(FILE_TYPES) or name.startswith(NOT_KEYS):
+                continue
+            if name.startswith("spark.") and name.split(".")[1] not in spark_keys:
+                continue  # one of Spark's own confs
+            if name not in keys and name not in prefixes and not name.startswith("spark.conf."):
+                unknown.add(f"{page}: {name}")
+    assert sorted(unknown) == []
+
+
+def _makefile_targets() -> set[str]:
+    return set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
+
+
+def test_every_command_and_make_target_the_docs_name_exists():
+    from petseg.config import JOBS
+
+    targets = _makefile_targets()
+    bundle = (ROOT / "databricks.yml").read_text() + "".join(p.read_text() for p in (ROOT / "resources").glob("*.yml"))
+    unknown = set()
+    for page, text in _page_texts().items():
+        code = re.sub(r"(^|\s)#.*$", "", _code(text), flags=re.M)  # shell comments are prose
+        unknown |= {f"{page}: make {t}" for t in re.findall(r"\bmake ([a-z][\w-]*)", code) if t not in targets}
+        unknown |= {f"{page}: petseg {job}" for job in re.findall(r"(?:^|[\s/])petseg ([a-z]\w*)", code, flags=re.M) if job not in JOBS}
+        unknown |= {f"{page}: bundle job {job}" for job in re.findall(r"databricks bundle run (\w+)", code)
+                    if not re.search(rf"^\s+{job}:", bundle, flags=re.M)}
+        unknown |= {f"{page}: bundle target {t}" for t in re.findall(r"databricks bundle \w+ .*?-t ([\w-]+)", code)
+                    if not re.search(rf"^\s+{t}:", bundle, flags=re.M)}
+    assert sorted(unknown) == []
+
+
+def _defines(module: str) -> set[str]:
+    """The names a petseg module defines or imports at its top level, and what its __all__ offers."""
+    tree = ast.parse(MODULES[module].read_text())
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+                if isinstance(target, ast.Name) and target.id == "__all__" and isinstance(node.value, (ast.List, ast.Tuple)):
+                    names |= {e.value for e in node.value.elts if isinstance(e, ast.Constant)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    return names
+
+
+def _resolves(dotted: str) -> bool:
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        module = ".".join(parts[:cut])
+        if module in MODULES:
+            rest = parts[cut:]
+            return not rest or rest[0] in _defines(module)
+    return False
+
+
+def test_every_petseg_name_the_docs_import_or_name_exists():
+    unknown = set()
+    for page, text in _page_texts().items():
+        named = set(re.findall(r"(?<![\w./-])(petseg(?:\.\w+)+)", text))
+        for module, imported in re.findall(r"from (petseg(?:\.\w+)*) import ([\w, ]+)", _code(text)):
+            named |= {f"{module}.{name.strip()}" for name in imported.split(",")}
+        unknown |= {f"{page}: {name}" for name in named if not _resolves(name)}
+    assert sorted(unknown) == []
 
 
 def test_ingest_prints_no_petastorm_warnings(tmp_path):

@@ -186,7 +186,7 @@ def _file_stream(spark: SparkSession, *, schema: StructType) -> DataStreamReader
     maxFileAge (7 days) behind the newest file it has taken: a photo copied with ``cp -p``,
     ``rsync -a`` or ``unzip``, or staged elsewhere for a week, would never be read. Unbounded, it
     forgets no path it has taken, and keeps all of them in the driver's memory (about 120 bytes
-    plus the URL's length each, measured on Spark 3.5: see the README). Not latestFirst with
+    plus the URL's length each, measured on Spark 3.5: see docs/inference.md). Not latestFirst with
     maxFilesPerTrigger, which also lifts the limit: it takes the newest files first, in capped batches.
     """
     return spark.readStream.schema(schema).option(MAX_FILE_AGE_OPTION, UNBOUNDED_FILE_AGE)

@@ -269,7 +269,7 @@ def arrow_filesystem(url: str) -> tuple[Any, str]:
 def petastorm_source(url: str) -> tuple[str, Any]:
     """``(dataset_url, filesystem)`` to pass Petastorm's ``make_reader`` for a dataset at ``url``.
 
-    A workaround for petastorm 0.13.1 on pyarrow 14 (the pins; see the README): Petastorm opens
+    A workaround for petastorm 0.13.1 on pyarrow 14 (the pins; see docs/databricks.md): Petastorm opens
     ``file://`` itself, but for any other scheme its ``FilesystemResolver`` goes through fsspec (s3fs
     for ``s3a://``, gcsfs for ``gs://``; it knows no ``abfss://``) and hands the fsspec object to
     pyarrow's ``ParquetDataset``, which then takes its new Dataset API and fails with "Keyword
