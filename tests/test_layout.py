@@ -61,6 +61,40 @@ def test_no_import_cycles():
         visit(module, [])
 
 
+#: The stages, side by side on the base: none imports another, and the base (everything else but the
+#: command line, which runs them all) imports none.
+STAGES = ("petseg.ingest", "petseg.train", "petseg.infer", "petseg.evaluate")
+
+
+def _stage(module: str) -> str | None:
+    return next((s for s in STAGES if module == s or module.startswith(s + ".")), None)
+
+
+def _package(module: str) -> str:
+    """The top-level part of petseg a module belongs to: petseg.io for petseg.io.fs."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_stages_stand_side_by_side_on_the_base():
+    crossings = sorted(f"{module} imports {imported}" for module in MODULES if module != "petseg.cli"
+                       for imported in _imports(module) if _stage(imported) not in (None, _stage(module)))
+    assert crossings == []
+
+
+def test_the_base_packages_import_one_another_without_a_loop():
+    """config -> io -> session -> config was one: each part of the base sits above or below another."""
+    graph: dict[str, set[str]] = {}
+    for module in MODULES:
+        if _stage(module) is None and module not in ("petseg", "petseg.cli"):
+            graph.setdefault(_package(module), set()).update(
+                _package(m) for m in _imports(module) if _package(m) != _package(module) and m != "petseg")
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in graph.get(start, ()))
+
+    assert sorted(p for p in graph if reaches(p, p, set())) == []
+
+
 def test_no_two_modules_share_a_name():
     stems: dict[str, list[str]] = {}
     for module, path in MODULES.items():
