@@ -55,7 +55,7 @@ def main() -> None:
     ingest = run_ingest(spark, data=cfg.data)
     minutes["ingest"] = (time.perf_counter() - start) / 60
     start = time.perf_counter()
-    trained = run_train(spark, cfg=cfg)
+    trained = run_train(spark, data=cfg.data, model=cfg.model, train=cfg.train, tracking=cfg.mlflow)
     minutes["train"] = (time.perf_counter() - start) / 60
     start = time.perf_counter()
     evaluation = run_evaluate(spark, evaluate=cfg.evaluate, max_image_pixels=cfg.data.max_image_pixels)

@@ -129,7 +129,8 @@ def main() -> None:
             [f"data.dataset={Path(tmp) / 'pets128'}", "data.image_size=128", f"data.synthetic_count={args.reader_count}",
              "spark.master=local[2]"], local=True)
         run_ingest(spark, data=reader_cfg.data)
-        result = run_train(spark, cfg=cfg)
+        result = run_train(spark, data=cfg.data, model=cfg.model, train=cfg.train,
+                           tracking=cfg.mlflow)
         last = result.history[-1]
         runner_rate = _epoch_rate(result, cfg)
         spark.stop()

@@ -135,7 +135,8 @@ def _run_stages(spark: "SparkSession", job: str, cfg: config.Config, current: _C
         from petseg.train import run_train
 
         current.stage = "train"
-        print(run_train(spark, cfg=cfg).format(), flush=True)
+        print(run_train(spark, data=cfg.data, model=cfg.model, train=cfg.train, tracking=cfg.mlflow).format(),
+              flush=True)
     if job in ("infer", "demo"):
         from petseg.infer import run_infer
 

@@ -77,6 +77,34 @@ def test_oxford_needs_input_and_files_must_exist(tmp_path):
         config.load(overrides=["data.source=synthetic"])
 
 
+def test_validate_returns_a_normalised_config_and_leaves_the_one_it_checks_unchanged():
+    import copy
+
+    from omegaconf import OmegaConf
+
+    overrides = ["spark.master=local[2]", "data.source=synthetic", "data.dataset=/d/pets", "model.encoder_weights=none",
+                 "model.freeze_encoder=AUTO", "train.output_dir=/runs/r1", "infer.input=main.raw.photos",
+                 "infer.output=/m", "evaluate.output=/e"]
+    merged = OmegaConf.merge(OmegaConf.structured(config.Config), OmegaConf.load(config.BASE_CONF),
+                             OmegaConf.from_dotlist(overrides))
+    raw = OmegaConf.to_object(merged)
+    before = copy.deepcopy(raw)
+    checked = config.validate(raw, job="demo")
+    assert raw == before  # not one section of the caller's config changed
+    assert (raw.data.dataset, raw.data.rejects, raw.data.image_size) == ("/d/pets", None, None)
+    assert (raw.model.width, raw.model.freeze_encoder) == (None, "AUTO")
+    assert checked.data.dataset == "file:///d/pets" and checked.data.rejects == "file:///d/pets_rejects"
+    assert checked.data.image_size == 128
+    assert checked.model.width == 0.5 and checked.model.freeze_encoder == "auto"
+    assert checked.train.output_dir == "file:///runs/r1"
+    assert checked.infer.model == "file:///runs/r1" and checked.infer.input_format is config.InputFormat.table
+    assert checked.infer.output == "file:///m"
+    assert checked.evaluate.dataset == "file:///d/pets" and checked.evaluate.output == "file:///e"
+    assert config.validate(checked, job="demo") == checked  # normalising twice changes nothing
+    # load hands on what validate returns.
+    assert config.load(overrides=overrides, job="demo") == checked
+
+
 def test_url_normalisation():
     assert urls.normalize_url("dbfs:/ml/pets", key="k") == "file:///dbfs/ml/pets"
     assert urls.normalize_url("/Volumes/main/pets/raw", key="k") == "file:///Volumes/main/pets/raw"

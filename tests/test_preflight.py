@@ -13,6 +13,11 @@ def _train(*overrides: str) -> config.Config:
     return config.load(overrides=[*TRAIN, *overrides], job="train")
 
 
+def sections(cfg: config.Config) -> dict:
+    """What run_train takes of a whole config: its data, model, train and mlflow sections."""
+    return {"data": cfg.data, "model": cfg.model, "train": cfg.train, "tracking": cfg.mlflow}
+
+
 @pytest.mark.parametrize(
     "job,key,overrides",
     [
@@ -100,9 +105,9 @@ def test_training_takes_the_stored_image_size_and_refuses_another(spark, small_d
 
     with pytest.raises(TrainError, match=r"data.image_size=64 but the dataset at .* stores 40x40 images; leave "
                                          r"data.image_size unset"):
-        run_train(spark, cfg=_train_on(small_dataset, tmp_path, "data.image_size=64"))
+        run_train(spark, **sections(_train_on(small_dataset, tmp_path, "data.image_size=64")))
     with pytest.raises(TrainError, match=r"stores 40x40 images: image_size=40 is not divisible .* n_depth=5"):
-        run_train(spark, cfg=_train_on(small_dataset, tmp_path, "model.n_depth=5"))
+        run_train(spark, **sections(_train_on(small_dataset, tmp_path, "model.n_depth=5")))
 
 
 def test_reading_the_stored_image_size_prints_no_petastorm_warnings(small_dataset):
@@ -137,7 +142,7 @@ def test_imagenet_weights_that_cannot_be_fetched_fail_on_the_driver_before_any_s
     try:
         with pytest.raises(TrainError, match=r"encoder_weights='imagenet' could not be downloaded .*copy "
                                              r"vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 into"):
-            run_train(spark, cfg=cfg)
+            run_train(spark, **sections(cfg))
     finally:
         context.setLocalProperty("spark.jobGroup.id", None)
     assert list(context.statusTracker().getJobIdsForGroup("petseg-imagenet-preflight")) == []
@@ -148,8 +153,8 @@ def test_ingest_first_is_said_only_when_there_is_no_dataset(spark, tmp_path):
 
     cfg = _train_on(str(tmp_path / "pets"), tmp_path)
     with pytest.raises(TrainError, match=r"there is no dataset at data.dataset=.*run `petseg ingest` first"):
-        run_train(spark, cfg=cfg)
+        run_train(spark, **sections(cfg))
     cfg = _train_on("abfss://pets@account.dfs.core.windows.net/pets", tmp_path)
     with pytest.raises(TrainError, match=r"adlfs package, which is not installed .*pip install 'petseg\[azure\]'") as err:
-        run_train(spark, cfg=cfg)
+        run_train(spark, **sections(cfg))
     assert "ingest" not in str(err.value)

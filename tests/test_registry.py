@@ -49,7 +49,7 @@ def trained(spark, tracking, tmp_path_factory):
     dataset = synthetic_dataset(spark, folder, synthetic_count=24, image_size=32, min_row_groups_per_split=1)
     cfg = load_job_config("train", f"data.dataset={dataset}", f"train.output_dir={folder / 'run'}", *TINY,
                           "mlflow.enabled=true", f"mlflow.registered_model_name={NAME}", *mlflow_keys(tracking))
-    result = run_train(spark, cfg=cfg)
+    result = run_train(spark, data=cfg.data, model=cfg.model, train=cfg.train, tracking=cfg.mlflow)
     yield result, folder / "run", dataset
     pinned = [registry.pin(uri, tracking_uri=tracking) for uri in (f"models:/{NAME}/1", result.mlflow_model)]
     for model in pinned:  # the tests' fetches, out of this machine's temporary folder

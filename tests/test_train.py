@@ -31,6 +31,11 @@ def train_config(tmp_path: Path, dataset: str, *extra: str) -> config.Config:
                        job="train")
 
 
+def sections(cfg: config.Config) -> dict:
+    """What run_train takes of a whole config: its data, model, train and mlflow sections."""
+    return {"data": cfg.data, "model": cfg.model, "train": cfg.train, "tracking": cfg.mlflow}
+
+
 @pytest.fixture(scope="module")
 def tiny_dataset(spark, tmp_path_factory):
     return synthetic_dataset(spark, tmp_path_factory.mktemp("train-data"), synthetic_count=40, image_size=32,
@@ -55,9 +60,56 @@ def test_bad_training_config_fails_before_spark(tmp_path, override, message):
         config.load(overrides=overrides, job="train")
 
 
+def _job_file(tmp_path: Path) -> tuple[config.Config, dict]:
+    """A config and the job file its training's workers would read, through JSON as they read it."""
+    from petseg.train.launch import TrainingSections, training_spec
+
+    cfg = train_config(tmp_path, str(tmp_path / "pets"))
+    sent = TrainingSections(data=cfg.data, model=cfg.model, train=cfg.train)
+    spec = training_spec(sent, stats={"train": (10, 2), "test": (4, 2)})
+    return cfg, json.loads(json.dumps({**spec, "rank": 0, "workers": 1, "work_dir": str(tmp_path / "work")}))
+
+
+def test_the_worker_types_its_job_files_sections_again(tmp_path):
+    from petseg.train.loop import job_sections
+
+    cfg, spec = _job_file(tmp_path)
+    assert set(spec["config"]) == {"data", "model", "train"}
+    data, model, train = job_sections(spec)
+    assert (data, model, train) == (cfg.data, cfg.model, cfg.train)
+    assert model.mixed_precision is config.Precision.float32 and train.augment == cfg.train.augment
+
+
+@pytest.mark.parametrize(
+    "section,change,message",
+    [
+        ("model", {"dice_wieght": 2.0}, r"unknown config key 'model.dice_wieght' \(set to 2.0\) \(did you mean "
+                                        r"'dice_weight'\?\): ModelConfig has only n_depth, "),
+        ("train", {"augment": {"flip": True, "max_zoom": 1.0, "colour": 0.0, "hue": 0.1}},
+         r"unknown config key 'train.augment.hue' \(set to 0.1\): AugmentConfig has only flip, max_zoom, colour"),
+        ("train", {"epochs": "two"}, r"bad value for config key 'train.epochs': Value 'two'"),
+        ("data", {"source": "kaggle"}, r"bad value for config key 'data.source': Invalid value 'kaggle'"),
+    ],
+)
+def test_a_job_file_this_petseg_cannot_type_fails_the_worker_before_tensorflow_starts(tmp_path, section, change,
+                                                                                     message):
+    cfg, spec = _job_file(tmp_path)
+    spec["config"][section].update(change)
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({**spec, "result_file": str(tmp_path / "result.json")}))
+    code = ("import sys\nfrom petseg.errors import ConfigError\nfrom petseg.train.loop import main\n"
+            f"try:\n    main({str(job)!r})\nexcept ConfigError as exc:\n"
+            "    print('tensorflow' in sys.modules, exc)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    started_tensorflow, _, error = done.stdout.strip().partition(" ")
+    assert started_tensorflow == "False" and re.search(message, error), error
+    assert "install the same petseg version" in error and not (tmp_path / "result.json").exists()
+
+
 def test_train_on_executors_streams_progress_and_writes_outputs(spark, tiny_dataset, tmp_path):
     cfg = train_config(tmp_path, tiny_dataset, "train.num_slots=1")
-    result = run_train(spark, cfg=cfg)
+    result = run_train(spark, **sections(cfg))
     assert result.workers == 1 and [h["epoch"] for h in result.history] == [1, 2]
     assert {"loss", "val_pixel_accuracy", "val_mean_iou", "val_iou_pet", "val_iou_background", "val_iou_border"} <= set(
         result.history[-1]
@@ -86,7 +138,7 @@ def epochs_recorded(folder: Path) -> list[int]:
 def test_stop_and_resume_continues_at_the_next_epoch_and_a_failed_save_keeps_the_backup(spark, tiny_dataset, tmp_path):
     first = train_config(tmp_path, tiny_dataset, "train.local_mode=true", "train.stop_after_epoch=1")
     with pytest.raises(TrainStopped, match="stopped after epoch 1 as configured.*re-run without train.stop_after_epoch"):
-        run_train(spark, cfg=first)
+        run_train(spark, **sections(first))
     partial = tmp_path / "run.petseg-partial"
     assert epochs_recorded(partial) == [1] and not (tmp_path / "run").exists()  # nothing published yet
     epoch_1 = history_records(partial)[0]
@@ -95,13 +147,13 @@ def test_stop_and_resume_continues_at_the_next_epoch_and_a_failed_save_keeps_the
     (partial / "history.json").mkdir()
     resume = train_config(tmp_path, tiny_dataset, "train.local_mode=true")
     with pytest.raises(RuntimeError, match=r"training worker 0 of 1 failed \(exit code 1\): IsADirectoryError"):
-        run_train(spark, cfg=resume)
+        run_train(spark, **sections(resume))
     trained = history_records(partial)
     assert trained[0] == epoch_1 and [h["epoch"] for h in trained] == [1, 2]  # epoch 1 was not trained again
     assert latest_backup(partial), "the backup was deleted before the run's outputs were written"
     # The next attempt (a re-run, or a restart: the same resume) trains no epoch again: it saves.
     (partial / "history.json").rmdir()
-    resumed = run_train(spark, cfg=resume)
+    resumed = run_train(spark, **sections(resume))
     messages = [r["message"] for r in resumed.progress]
     assert "resuming from the backup: all 2 epochs are trained" in messages, messages
     assert not any(m.startswith("epoch ") for m in messages), messages
@@ -112,14 +164,15 @@ def test_stop_and_resume_continues_at_the_next_epoch_and_a_failed_save_keeps_the
 
 def test_a_rerun_into_the_same_folder_reports_only_its_own_epochs(spark, tiny_dataset, tmp_path):
     """A shorter run after a longer one into one folder (every scheduled Databricks run) is its own run."""
-    longer = run_train(spark, cfg=train_config(tmp_path, tiny_dataset, "train.local_mode=true"))
+    longer = run_train(spark, **sections(train_config(tmp_path, tiny_dataset, "train.local_mode=true")))
     assert [h["epoch"] for h in longer.history] == [1, 2]
     # Stopped, then re-run with another config: the unfinished run is discarded, not resumed.
     with pytest.raises(TrainStopped):
-        run_train(spark, cfg=train_config(tmp_path, tiny_dataset, "train.local_mode=true", "train.epochs=3",
-                                          "train.stop_after_epoch=1"))
+        run_train(spark, **sections(train_config(tmp_path, tiny_dataset, "train.local_mode=true", "train.epochs=3",
+                                                 "train.stop_after_epoch=1")))
     assert artifact.resolve(str(tmp_path / "run")).version == longer.run_id  # the finished run is untouched
-    shorter = run_train(spark, cfg=train_config(tmp_path, tiny_dataset, "train.local_mode=true", "train.epochs=1"))
+    shorter = run_train(spark, **sections(train_config(tmp_path, tiny_dataset, "train.local_mode=true",
+                                                       "train.epochs=1")))
     assert shorter.note.startswith("discarded the unfinished run") and "train.epochs: 3 -> 1" in shorter.note
     assert [h["epoch"] for h in shorter.history] == [1]
     run = tmp_path / "run"
@@ -133,14 +186,14 @@ def test_a_rerun_into_the_same_folder_reports_only_its_own_epochs(spark, tiny_da
     cfg = config.load(overrides=[f"data.dataset={tiny_dataset}", f"train.output_dir={tmp_path / 'mine'}", *TINY,
                                  "train.local_mode=true"], job="train")
     with pytest.raises(InputError, match="is not a folder petseg wrote as a run .*point train.output_dir at a new or empty folder"):
-        run_train(spark, cfg=cfg)
+        run_train(spark, **sections(cfg))
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     # A second run into a folder another run is training into waits for it, rather than share its backup.
     (tmp_path / "run.petseg-lock").write_text(json.dumps({"host": "h", "pid": 1, "id": "x", "refreshed": time.time()}))
     cfg = config.load(overrides=[f"data.dataset={tiny_dataset}", f"train.output_dir={tmp_path / 'run'}", *TINY,
                                  "train.local_mode=true"], job="train")
     with pytest.raises(InputError, match=r"train.output_dir=.*run' is being written by another job"):
-        run_train(spark, cfg=cfg)
+        run_train(spark, **sections(cfg))
     assert not (tmp_path / "run.petseg-partial").exists()
 
 
@@ -155,7 +208,8 @@ def uneven_dataset(spark, tmp_path_factory):
 
 def test_validation_scores_every_test_row_once_and_equals_evaluate(spark, uneven_dataset, tmp_path):
     """Two workers with unequal test shards: the last validation is the evaluation job's, figure for figure."""
-    result = run_train(spark, cfg=train_config(tmp_path, uneven_dataset, "train.num_slots=2", "train.preview_images=0"))
+    result = run_train(spark, **sections(train_config(tmp_path, uneven_dataset, "train.num_slots=2",
+                                                      "train.preview_images=0")))
     assert result.workers == 2
     evaluation = run_evaluate(spark, evaluate=load_job_config(
         "evaluate", f"evaluate.model={tmp_path / 'run'}", f"evaluate.dataset={uneven_dataset}",
@@ -215,7 +269,7 @@ def test_a_killed_worker_leaves_no_process_and_restarts_resume_from_the_backup(s
     # Without restarts the run fails, and the other worker's process ends with its task, at once.
     killed = kill_worker_1_at_the_next_backup(partial)
     with pytest.raises(Exception, match=r"training worker 1 of 2 failed \(exit code -9\)"):
-        run_train(spark, cfg=cfg)
+        run_train(spark, **sections(cfg))
     assert killed, "the test never found worker 1's training process"
     assert re.search(r"training failed: training worker 1 of 2 failed \(exit code -9\), with no restart left "
                      r"\(train.max_restarts=0\)\..*re-run the job to resume it, or set train.max_restarts=N", caplog.text)
@@ -228,7 +282,7 @@ def test_a_killed_worker_leaves_no_process_and_restarts_resume_from_the_backup(s
     restarted = config.load(overrides=[f"data.dataset={uneven_dataset}", f"train.output_dir={tmp_path / 'run'}", *TINY,
                                        "train.num_slots=2", "train.epochs=3", "train.preview_images=0",
                                        "train.max_restarts=1"], job="train")
-    result = run_train(spark, cfg=restarted)
+    result = run_train(spark, **sections(restarted))
     assert killed and result.note.startswith("resuming the unfinished run")
     messages = [r["message"] for r in result.progress]
     assert [m for m in messages if m.startswith("resuming from the backup")] == [
@@ -241,8 +295,8 @@ def test_a_killed_worker_leaves_no_process_and_restarts_resume_from_the_backup(s
 def test_stop_after_epoch_holds_on_executors_with_restarts(spark, tiny_dataset, tmp_path):
     """A stop is not a failure to retry: with restarts allowed the run still ends after the epoch."""
     with pytest.raises(TrainStopped, match="stopped after epoch 1"):
-        run_train(spark, cfg=train_config(tmp_path, tiny_dataset, "train.num_slots=1", "train.max_restarts=2",
-                                          "train.stop_after_epoch=1", "train.preview_images=0"))
+        run_train(spark, **sections(train_config(tmp_path, tiny_dataset, "train.num_slots=1", "train.max_restarts=2",
+                                                 "train.stop_after_epoch=1", "train.preview_images=0")))
     assert epochs_recorded(tmp_path / "run.petseg-partial") == [1]
     assert training_processes() == {}
 
@@ -281,12 +335,12 @@ def test_too_few_row_groups_and_missing_gpu_confs_fail_with_the_fix(spark, tiny_
     workers = fewest + 1
     with pytest.raises(TrainError, match=rf"has {fewest} row group\(s\) but training uses {workers} workers.*"
                                          rf"min_row_groups_per_split>={workers}"):
-        run_train(spark, cfg=train_config(tmp_path, tiny_dataset, f"train.num_slots={workers}",
-                                          f"train.batch_size={8 * workers}"))
+        run_train(spark, **sections(train_config(tmp_path, tiny_dataset, f"train.num_slots={workers}",
+                                                 f"train.batch_size={8 * workers}")))
     with pytest.raises(TrainError, match=r"spark.executor.resource.gpu.amount, spark.task.resource.gpu.amount"):
-        run_train(spark, cfg=train_config(tmp_path, tiny_dataset, "train.num_slots=1", "train.use_gpu=true"))
+        run_train(spark, **sections(train_config(tmp_path, tiny_dataset, "train.num_slots=1", "train.use_gpu=true")))
     with pytest.raises(TrainError, match="run `petseg ingest` first"):
-        run_train(spark, cfg=train_config(tmp_path, str(tmp_path / "nothing"), "train.num_slots=1"))
+        run_train(spark, **sections(train_config(tmp_path, str(tmp_path / "nothing"), "train.num_slots=1")))
 
 
 TWO_WORKERS = textwrap.dedent(
@@ -296,7 +350,8 @@ TWO_WORKERS = textwrap.dedent(
     from petseg.session import get_or_create
     from petseg.train import run_train
     cfg = config.parse_job_arguments(sys.argv[1:], job="train")
-    result = run_train(get_or_create(**config.to_dict(cfg.spark)), cfg=cfg)
+    result = run_train(get_or_create(**config.to_dict(cfg.spark)), data=cfg.data, model=cfg.model, train=cfg.train,
+                       tracking=cfg.mlflow)
     print("RESULT " + json.dumps({"workers": result.workers, "progress": result.progress, "history": result.history}))
     """
 )
@@ -370,7 +425,7 @@ def test_two_workers_on_two_executor_processes(tiny_dataset, tmp_path, use_gpu):
 def test_mixed_precision_and_xla_options_train(spark, tiny_dataset, tmp_path):
     cfg = train_config(tmp_path, tiny_dataset, "train.local_mode=true", "train.epochs=1", "train.preview_images=0",
                        "model.mixed_precision=mixed_bfloat16", "model.jit_compile=true")
-    result = run_train(spark, cfg=cfg)
+    result = run_train(spark, **sections(cfg))
     assert result.history[0]["loss"] > 0 and "val_pixel_accuracy" in result.final_metrics
     meta = artifact.resolve(str(tmp_path / "run")).metadata
     assert meta["training"]["model"]["mixed_precision"] == "mixed_bfloat16"
@@ -409,7 +464,7 @@ def test_mlflow_tracks_training_and_the_inference_that_uses_it(spark, tiny_datas
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps local file stores behind this switch
     tracking = [f"mlflow.tracking_uri=file://{tmp_path / 'mlruns'}", "mlflow.enabled=true", "mlflow.experiment=petseg-test"]
-    result = run_train(spark, cfg=train_config(tmp_path, tiny_dataset, "train.local_mode=true", *tracking))
+    result = run_train(spark, **sections(train_config(tmp_path, tiny_dataset, "train.local_mode=true", *tracking)))
     model = artifact.resolve(str(tmp_path / "run"))
     client = mlflow.MlflowClient(tracking_uri=f"file://{tmp_path / 'mlruns'}")
     run = client.get_run(model.mlflow_run_id)  # the model's metadata names its run
@@ -445,8 +500,9 @@ def test_two_trainings_into_one_folder_each_segment_with_their_own_model_and_ver
     run = tmp_path / "run"
     versions = []
     for seed in (1, 2):
-        trained = run_train(spark, cfg=train_config(tmp_path, tiny_dataset, "train.local_mode=true", "train.epochs=1",
-                                                    f"train.seed={seed}", "train.preview_images=0"))
+        trained = run_train(spark, **sections(train_config(tmp_path, tiny_dataset, "train.local_mode=true",
+                                                           "train.epochs=1", f"train.seed={seed}",
+                                                           "train.preview_images=0")))
         output = tmp_path / f"masks{seed}"
         cfg = load_job_config("infer", f"infer.model={run}", f"infer.input={photos}", f"infer.output={output}",
                               "infer.partitions=2")

@@ -1,16 +1,29 @@
 """Checks of a merged configuration that types alone cannot make, for the job about to run.
 
 Every failure raises :class:`~petseg.errors.ConfigError` naming the key, the bad value and what is
-allowed; locations are normalised here, once, by the rules of :mod:`petseg.io.urls`.
+allowed; locations are normalised here, once, by the rules of :mod:`petseg.io.urls`, into a new
+config: the one checked is left as it was.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
 from petseg import env
-from petseg.config.sections import RECIPE_IMAGE_SIZE, Config, InferMode, InputFormat, Source
+from petseg.config.sections import (
+    RECIPE_IMAGE_SIZE,
+    Config,
+    DataConfig,
+    EvaluateConfig,
+    InferConfig,
+    InferMode,
+    InputFormat,
+    ModelConfig,
+    Source,
+    TrainConfig,
+)
 from petseg.errors import ConfigError
 from petseg.io.urls import (
     is_local,
@@ -33,42 +46,67 @@ JOB_SECTIONS = {
 }
 
 
-def validate(cfg: Config, *, job: str = "ingest") -> None:
-    """Check values that types alone cannot; raise :class:`ConfigError` naming the key and the fix."""
+def validate(cfg: Config, *, job: str = "ingest") -> Config:
+    """Check the values of the sections ``job`` reads that types alone cannot, and normalise them.
+
+    Parameters
+    ----------
+    cfg
+        A config as the layers merge it; left unchanged.
+    job
+        The job about to run (:data:`JOB_SECTIONS`): which sections are checked.
+
+    Returns
+    -------
+    Config
+        A new config, the sections checked normalised: locations as URLs, ``data.rejects`` and
+        ``data.image_size`` filled in, ``model.width`` resolved. Sections left as they were are shared
+        with ``cfg``.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key, the bad value and what is allowed.
+    """
     sections = JOB_SECTIONS.get(job, tuple(JOB_SECTIONS["demo"]))
     if cfg.spark.remote is not None:
         _validate_remote(cfg.spark.remote, job=job)
+    data = cfg.data
     if {"data", "train"} & set(sections):
-        _require(bool(cfg.data.dataset), "data.dataset", cfg.data.dataset, "a dataset URL such as file:///tmp/pets")
-        cfg.data.dataset = petastorm_url(_location(cfg, str(cfg.data.dataset), key="data.dataset"), key="data.dataset")
-    if cfg.data.image_size is None and "data" in sections:
-        cfg.data.image_size = RECIPE_IMAGE_SIZE  # ingest writes the recipe's size; training reads the dataset's
+        _require(bool(data.dataset), "data.dataset", data.dataset, "a dataset URL such as file:///tmp/pets")
+        data = replace(data, dataset=petastorm_url(_location(cfg, str(data.dataset), key="data.dataset"),
+                                                   key="data.dataset"))
+    if data.image_size is None and "data" in sections:
+        # Ingest writes the recipe's size; training reads the dataset's.
+        data = replace(data, image_size=RECIPE_IMAGE_SIZE)
     _require(
-        cfg.data.image_size is None or cfg.data.image_size >= 8,
+        data.image_size is None or data.image_size >= 8,
         "data.image_size",
-        cfg.data.image_size,
+        data.image_size,
         "an integer >= 8 (the recipe uses 128), or null",
     )
-    _validate_max_image_pixels(cfg.data.max_image_pixels)  # every stage decodes images
+    _validate_max_image_pixels(data.max_image_pixels)  # every stage decodes images
     if "data" in sections:
-        _validate_data(cfg)
-    if "model" in sections:
-        _validate_model(cfg)
-    if "train" in sections:
-        _validate_train(cfg)
-    if "infer" in sections:
-        _validate_infer(cfg)
-    if "evaluate" in sections:
-        _validate_evaluate(cfg)
-    if cfg.mlflow.enabled and {"train", "infer"} & set(sections):
+        data = _validate_data(cfg, data)
+    normalised = replace(
+        cfg,
+        data=data,
+        model=_validate_model(cfg.model, data=data) if "model" in sections else cfg.model,
+        train=_validate_train(cfg, cfg.train) if "train" in sections else cfg.train,
+        infer=_validate_infer(cfg, cfg.infer) if "infer" in sections else cfg.infer,
+        evaluate=_validate_evaluate(cfg, cfg.evaluate) if "evaluate" in sections else cfg.evaluate,
+    )
+    if normalised.mlflow.enabled and {"train", "infer"} & set(sections):
         _require(_has_mlflow(), "mlflow.enabled", True,
                  "false, or install MLflow first (pip install 'petseg[mlflow]'; Databricks runtimes have it)")
-    _refuse_overlaps(cfg, sections)
-    if "train" in sections and cfg.mlflow.registered_model_name is not None:
-        _require(bool(cfg.mlflow.registered_model_name.strip()), "mlflow.registered_model_name",
-                 cfg.mlflow.registered_model_name, "a registered model name (catalog.schema.model in Unity Catalog), or null")
-        _require(cfg.mlflow.enabled, "mlflow.registered_model_name", cfg.mlflow.registered_model_name,
+    _refuse_overlaps(normalised, sections)
+    name = normalised.mlflow.registered_model_name
+    if "train" in sections and name is not None:
+        _require(bool(name.strip()), "mlflow.registered_model_name", name,
+                 "a registered model name (catalog.schema.model in Unity Catalog), or null")
+        _require(normalised.mlflow.enabled, "mlflow.registered_model_name", name,
                  "null, or set mlflow.enabled=true as well: the model is registered from its training run")
+    return normalised
 
 
 def _has_mlflow() -> bool:
@@ -117,8 +155,8 @@ def remote_is_this_machine(remote: str) -> bool:
     return host in ("localhost", "127.0.0.1", "::1", "[::1]")
 
 
-def _validate_data(cfg: Config) -> None:
-    d = cfg.data
+def _validate_data(cfg: Config, d: DataConfig) -> DataConfig:
+    """``d`` checked, its rejects and Oxford input as URLs; ``cfg`` gives where the job runs."""
     _require(d.rowgroup_size_mb >= 1, "data.rowgroup_size_mb", d.rowgroup_size_mb, "an integer >= 1")
     _require(
         d.min_row_groups_per_split >= 1, "data.min_row_groups_per_split", d.min_row_groups_per_split, "an integer >= 1"
@@ -139,36 +177,39 @@ def _validate_data(cfg: Config) -> None:
             d.input,
             "the Oxford-IIIT Pet folder (source=oxford) or a TFDS data_dir (source=tfds)",
         )
-    d.rejects = _location(cfg, d.rejects, key="data.rejects") if d.rejects else d.dataset.rstrip("/") + "_rejects"
+    rejects = _location(cfg, d.rejects, key="data.rejects") if d.rejects else str(d.dataset).rstrip("/") + "_rejects"
+    d = replace(d, rejects=rejects)
     if d.input and d.source is Source.oxford:
-        d.input = _location(cfg, d.input, key="data.input")
+        d = replace(d, input=_location(cfg, d.input, key="data.input"))
     elif d.input:
         require_shared_storage(cfg, d.input, key="data.input")  # a TFDS data_dir, opened by every executor
+    return d
 
 
-def _validate_model(cfg: Config) -> None:
-    m = cfg.model
+def _validate_model(m: ModelConfig, *, data: DataConfig) -> ModelConfig:
+    """``m`` checked against the (normalised) ``data`` section, its switches lower-cased and its width resolved."""
     for key in ("freeze_encoder", "encoder_batch_norm"):
         value = str(getattr(m, key)).lower()
         _require(value in ("auto", "true", "false"), f"model.{key}", getattr(m, key), "auto, true or false")
-        setattr(m, key, value)
+        m = replace(m, **{key: value})
     _require(m.dice_weight >= 0, "model.dice_weight", m.dice_weight, "a number >= 0 (0 = cross-entropy only)")
     from petseg.model.unet import resolved_width, validate_unet_args  # no TensorFlow import
 
     # Resolved here, once: training builds with it, and the run's metadata records the width built.
-    m.width = resolved_width(m.width, encoder_weights=m.encoder_weights)
+    m = replace(m, width=resolved_width(m.width, encoder_weights=m.encoder_weights))
     try:
         # Unset, the size is the dataset's, checked against n_depth when training opens it.
-        image_size = cfg.data.image_size or 2 ** (min(max(m.n_depth, 1), 5) - 1)
+        image_size = data.image_size or 2 ** (min(max(m.n_depth, 1), 5) - 1)
         validate_unet_args(image_size=image_size, n_depth=m.n_depth, encoder_weights=m.encoder_weights,
                            width=m.width,
                            batch_norm_momentum=m.batch_norm_momentum)
     except ValueError as exc:
         raise ConfigError(f"model/data config: {exc}") from None
+    return m
 
 
-def _validate_train(cfg: Config) -> None:
-    t = cfg.train
+def _validate_train(cfg: Config, t: TrainConfig) -> TrainConfig:
+    """``t`` checked, its output folder as a URL; ``cfg`` gives where the job runs."""
     _require(t.num_slots >= 1, "train.num_slots", t.num_slots, "an integer >= 1 (workers, or GPUs with use_gpu)")
     _require(t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1")
     _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "a positive number such as 1e-3")
@@ -200,7 +241,7 @@ def _validate_train(cfg: Config) -> None:
         f"null or an epoch between 1 and train.epochs={t.epochs}",
     )
     _require(bool(t.output_dir), "train.output_dir", t.output_dir, "a folder URL or path for the run's outputs")
-    t.output_dir = _location(cfg, t.output_dir, key="train.output_dir")
+    t = replace(t, output_dir=_location(cfg, str(t.output_dir), key="train.output_dir"))
     # Workers save the model and its backups with TensorFlow's file APIs, through the local file system.
     _require(
         is_local(t.output_dir),
@@ -209,6 +250,7 @@ def _validate_train(cfg: Config) -> None:
         "a folder on the local file system that every worker sees: a shared mount (NFS, /dbfs/..., /Volumes/..., "
         "dbfs:/...) as a path or file:// URL; TensorFlow writes the model and its backups as local files",
     )
+    return t
 
 
 #: What infer.model and evaluate.model take.
@@ -216,8 +258,8 @@ _MODEL_VALUES = ("a training run's train.output_dir (or its model/ folder), or a
                  "models:/<name>@<alias>, runs:/<run id>/model")
 
 
-def _validate_infer(cfg: Config) -> None:
-    i = cfg.infer
+def _validate_infer(cfg: Config, i: InferConfig) -> InferConfig:
+    """``i`` checked, its locations as URLs and a table input's format settled; ``cfg`` gives where the job runs."""
     _require(bool(i.model), "infer.model", i.model, _MODEL_VALUES)
     _require(
         bool(i.input), "infer.input", i.input, "a Petastorm or Parquet dataset URL, a catalog table, or a folder/glob of images"
@@ -235,13 +277,13 @@ def _validate_infer(cfg: Config) -> None:
              "an integer >= 1 (bytes of encoded images per UDF batch)")
     _require(i.limit is None or i.limit >= 1, "infer.limit", i.limit, "null or an integer >= 1")
     _require(i.partitions is None or i.partitions >= 1, "infer.partitions", i.partitions, "null or an integer >= 1")
-    i.model = _model_location(cfg, str(i.model), key="infer.model")
+    i = replace(i, model=_model_location(cfg, str(i.model), key="infer.model"))
     if i.input_format is InputFormat.table or (i.input_format is InputFormat.auto and is_table_name(str(i.input))):
-        i.input_format = InputFormat.table
+        i = replace(i, input_format=InputFormat.table)
     else:
-        i.input = _location(cfg, str(i.input), key="infer.input")
+        i = replace(i, input=_location(cfg, str(i.input), key="infer.input"))
     if not is_table_name(str(i.output)):
-        i.output = _location(cfg, str(i.output), key="infer.output")
+        i = replace(i, output=_location(cfg, str(i.output), key="infer.output"))
     _require(i.preview_images >= 0, "infer.preview_images", i.preview_images, "an integer >= 0 (0: no preview)")
     _require(
         not i.preview_images or not is_table_name(str(i.output)),
@@ -255,24 +297,28 @@ def _validate_infer(cfg: Config) -> None:
             f"a folder URL or path for the query's checkpoint: infer.output={i.output!r} is a table",
         )
         if i.checkpoint is not None:
-            i.checkpoint = _location(cfg, str(i.checkpoint), key="infer.checkpoint")
+            i = replace(i, checkpoint=_location(cfg, str(i.checkpoint), key="infer.checkpoint"))
     _require(
         bool(re.fullmatch(r"\d+(\.\d+)?\s*(ms|milliseconds?|s|seconds?|minutes?|hours?)", i.trigger_interval.strip())),
         "infer.trigger_interval", i.trigger_interval, "a duration such as '30 seconds' or '5 minutes'",
     )
+    return i
 
 
-def _validate_evaluate(cfg: Config) -> None:
-    e = cfg.evaluate
+def _validate_evaluate(cfg: Config, e: EvaluateConfig) -> EvaluateConfig:
+    """``e`` checked, its locations as URLs; ``cfg`` gives where the job runs."""
     _require(bool(e.model), "evaluate.model", e.model, _MODEL_VALUES)
     _require(bool(e.dataset), "evaluate.dataset", e.dataset, "the URL of a dataset written by `petseg ingest`")
     _require(bool(e.output), "evaluate.output", e.output, "a folder URL or path for metrics.json and predictions.png")
     _require(e.split in ("train", "test"), "evaluate.split", e.split, "train or test")
     _require(e.batch_size >= 1, "evaluate.batch_size", e.batch_size, "an integer >= 1")
     _require(e.preview_images >= 0, "evaluate.preview_images", e.preview_images, "an integer >= 0 (0: no PNG grid)")
-    e.model = _model_location(cfg, str(e.model), key="evaluate.model")
-    e.dataset = _location(cfg, str(e.dataset), key="evaluate.dataset")
-    e.output = _location(cfg, str(e.output), key="evaluate.output")
+    return replace(
+        e,
+        model=_model_location(cfg, str(e.model), key="evaluate.model"),
+        dataset=_location(cfg, str(e.dataset), key="evaluate.dataset"),
+        output=_location(cfg, str(e.output), key="evaluate.output"),
+    )
 
 
 def _stage_locations(cfg: Config, section: str) -> tuple[dict[str, str], dict[str, str]]:

@@ -64,8 +64,7 @@ def load(
     except OmegaConfBaseException as exc:
         raise _explain(exc) from None
     assert isinstance(cfg, Config)
-    validate(cfg, job=job)
-    return cfg
+    return validate(cfg, job=job)
 
 
 JOBS = ("ingest", "train", "infer", "evaluate", "demo")

@@ -6,12 +6,16 @@ these classes, and :mod:`petseg.config.checks` checks what types alone cannot.
 
 from __future__ import annotations
 
+import difflib
 import enum
 import re
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Mapping, Optional, TypeVar
 
 from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+from petseg.errors import ConfigError
 
 
 class Source(str, enum.Enum):
@@ -178,6 +182,74 @@ class Config:
 def to_dict(cfg: Config | Any) -> dict[str, Any]:
     """A plain, picklable dict of a config (or one section), enums as their string values."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # type: ignore[return-value]
+
+
+#: A section's class, for :func:`from_dict`.
+Section = TypeVar("Section")
+
+
+def from_dict(section: type[Section], values: Any, *, key: str) -> Section:
+    """A typed section rebuilt from the plain dict :func:`to_dict` made of it (in a job file, say).
+
+    Rebuilt as loading a config builds it: every key checked against the section's class, values
+    converted to the declared types (enums from their string values).
+
+    Parameters
+    ----------
+    section
+        The section's class, e.g. :class:`ModelConfig`.
+    values
+        The section's keys and values, as :func:`to_dict` gives them; every key must be there.
+    key
+        The section's name, for messages: ``model``.
+
+    Returns
+    -------
+    Section
+        An instance of ``section``.
+
+    Raises
+    ------
+    ConfigError
+        When ``values`` is not a mapping, holds a key the section lacks, lacks one of its keys or holds
+        a value of the wrong type; naming the key and the value. :func:`to_dict` of this petseg's
+        section gives none of these: the values were written by another petseg version.
+    """
+    same_petseg = ("install the same petseg version where the config is written (the driver) and where it is "
+                   "read (every executor)")
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config section {key!r} is {values!r}, not a mapping of its keys to their values; "
+                          f"{same_petseg}")
+    try:
+        rebuilt = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(section), values))
+    except ConfigKeyError as exc:
+        full_key = f"{key}.{exc.full_key}"
+        holder = _section_holding(section, str(exc.full_key))
+        known = [f.name for f in fields(holder)]
+        close = difflib.get_close_matches(str(exc.key), known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        value: Any = values
+        for part in str(exc.full_key).split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        raise ConfigError(f"unknown config key {full_key!r} (set to {value!r}){hint}: {holder.__name__} has only "
+                          f"{', '.join(known)}; {same_petseg}") from None
+    except MissingMandatoryValue as exc:
+        raise ConfigError(f"config key {key}.{exc.full_key} is missing from section {key!r}; {same_petseg}") from None
+    except OmegaConfBaseException as exc:
+        first_line = str(getattr(exc, "msg", exc)).splitlines()[0]  # omegaconf appends its own key/type block
+        raise ConfigError(f"bad value for config key '{key}.{exc.full_key}': {first_line}; {same_petseg}") from None
+    assert isinstance(rebuilt, section)
+    return rebuilt
+
+
+def _section_holding(section: type, dotted: str) -> type:
+    """The (nested) section class that holds the dotted key ``dotted``: AugmentConfig for ``augment.flipp``."""
+    for part in dotted.split(".")[:-1]:
+        nested = {f.name: f.default_factory for f in fields(section)}.get(part)
+        if not (isinstance(nested, type) and is_dataclass(nested)):
+            break
+        section = nested
+    return section
 
 
 #: What a credential's conf key holds: ``fs.s3a.secret.key``, ``fs.s3a.access.key``,

@@ -4,26 +4,42 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+from petseg.config.sections import DataConfig, ModelConfig, TrainConfig, to_dict
 from petseg.model import artifact
 from petseg.plots import curves_png, predictions_png
 
 
-def write_outputs(*, output_dir: Path, spec: dict[str, Any], history: list[dict[str, Any]],
-                  preprocessing: str) -> dict[str, Any]:
-    """Write the model's metadata, history JSON, the curves PNG and a predictions grid PNG; return their paths."""
-    data, model_cfg, train_cfg = spec["config"]["data"], spec["config"]["model"], spec["config"]["train"]
+def write_outputs(*, output_dir: Path, spec: Mapping[str, Any], data: DataConfig, model: ModelConfig,
+                  train: TrainConfig, history: list[dict[str, Any]], preprocessing: str) -> dict[str, Any]:
+    """Write the model's metadata, history JSON, the curves PNG and a predictions grid PNG; return their paths.
+
+    Parameters
+    ----------
+    output_dir
+        The run's working folder, holding the exported ``model/``.
+    spec
+        The worker's job file: the run's ids, the worker count and the dataset's row counts.
+    data, model, train
+        The sections the run trained with; the metadata records the model and train sections as plain JSON.
+    history
+        The run's epoch records, in order.
+    preprocessing
+        The model's preprocessing, as inference must repeat it.
+    """
+    # The metadata's record of how the model was made: the sections as plain JSON, as the job file carried them.
+    model_cfg, train_cfg = to_dict(model), to_dict(train)
     final = history[-1] if history else {}
     paths = {
         "metadata": artifact.write_metadata(
             output_dir,
-            image_size=data["image_size"],
+            image_size=data.image_size,
             preprocessing=preprocessing,
             run_id=spec["run_id"],
             mlflow_run_id=spec.get("mlflow_run_id"),
             model=model_cfg,
-            dataset=data["dataset"],
+            dataset=data.dataset,
             training={"model": model_cfg, "train": train_cfg, "workers": spec.get("workers"),
                       "train_rows": spec["train_rows"], "test_rows": spec["test_rows"]},
             final_metrics=final,
@@ -34,12 +50,12 @@ def write_outputs(*, output_dir: Path, spec: dict[str, Any], history: list[dict[
     }
     paths["history"].write_text(json.dumps(history, indent=2))
     paths["curves"].write_bytes(curves_png(history))
-    if train_cfg["preview_images"]:
+    if train.preview_images:
         # Predict with the exported model, loaded outside the strategy: the live model's predict would
         # run collective ops that the other workers, already finished, can no longer join. This also
         # proves the export loads.
         paths["predictions"].write_bytes(
-            _preview(run_dir=output_dir, dataset_url=data["dataset"], count=train_cfg["preview_images"])
+            _preview(run_dir=output_dir, dataset_url=str(data.dataset), count=train.preview_images)
         )
     else:
         del paths["predictions"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from petseg.config import Config, to_dict
+from petseg.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from petseg.io.fs import Storage
 from petseg.io.publish import Staged, check_replaceable, replace, write_manifest
 from petseg.train.loop import local_path
@@ -49,10 +49,10 @@ class RunFolder:
         return str(local_path(self.output_dir) / relative)
 
 
-def identity(cfg: Config, *, dataset_fingerprint: str) -> dict[str, Any]:
+def identity(*, data: DataConfig, model: ModelConfig, train: TrainConfig, dataset_fingerprint: str) -> dict[str, Any]:
     """What makes two runs the same run: the training keys and the dataset's files."""
-    sections = {"data": {"dataset": cfg.data.dataset, "image_size": cfg.data.image_size},
-                "model": to_dict(cfg.model), "train": to_dict(cfg.train)}
+    sections = {"data": {"dataset": data.dataset, "image_size": data.image_size},
+                "model": to_dict(model), "train": to_dict(train)}
     keys = {f"{name}.{key}": value for name, values in sections.items() for key, value in values.items()}
     return {**{k: v for k, v in sorted(keys.items()) if k not in _NOT_IDENTITY}, "dataset files": dataset_fingerprint}
 

@@ -30,7 +30,7 @@ def train_task(*, spec: dict[str, Any], progress_address: ProgressAddress | None
     """Run one worker's training in a fresh Python process and return its result.
 
     Top-level and picklable: it is shipped to the executors by the runner. ``spec`` carries plain
-    data only (the config as a dict, the row counts); the worker's rank comes from the barrier task.
+    data only (the config's sections as dicts, the row counts); the worker's rank comes from the barrier task.
     Progress lines go to the driver's server (``progress_address``, with the run's secret) and, only
     when they cannot, to the executor's log; the process's other output goes to the executor's log,
     less start-up chatter (see :func:`_is_noise`).
