@@ -106,6 +106,53 @@ def test_spark_udf_equals_local_segmentation_and_keeps_bad_rows(spark, run_dir):
         assert abs(row["fraction_pet"] + row["fraction_background"] + row["fraction_border"] - 1) < 1e-9
 
 
+#: The inference output's columns as users query them, by name and Spark type, in order: the UDF's struct
+#: and the MLflow model's frame; the job adds the key first and model_uri, model_version before error.
+#: Written out, not derived: a change here is a change to what their queries read.
+OUTPUT_CONTRACT = [
+    ("mask_png", "binary"), ("mask_model_png", "binary"), ("height", "int"), ("width", "int"),
+    ("fraction_pet", "double"), ("fraction_background", "double"), ("fraction_border", "double"),
+    ("error", "string"),
+]
+
+
+def test_spark_pandas_mlflow_and_the_pipeline_derive_one_output_contract():
+    from dataclasses import fields
+
+    import pyarrow as pa
+
+    from petseg.errors import RejectedInput
+    from petseg.infer.job import SEGMENTATION_SCHEMA
+    from petseg.model.pyfunc import _signature
+    from petseg.model.segment import OUTPUT_COLUMNS, EncodedSegmentation, results_frame
+
+    names = [name for name, _ in OUTPUT_CONTRACT]
+    assert [c.name for c in OUTPUT_COLUMNS] == names
+    # Spark: every field nullable, no metadata, as the schema was before it was derived.
+    assert [(f.name, f.dataType.simpleString(), f.nullable, f.metadata) for f in SEGMENTATION_SCHEMA.fields] == [
+        (name, kind, True, {}) for name, kind in OUTPUT_CONTRACT
+    ]
+    # MLflow names Spark's int "integer"; no output is required.
+    assert _signature().outputs.to_dict() == [
+        {"type": "integer" if kind == "int" else kind, "name": name, "required": False}
+        for name, kind in OUTPUT_CONTRACT
+    ]
+    # The pipeline's record: the columns' fields in their order, the per-class columns sharing a tuple.
+    assert [f.name for f in fields(EncodedSegmentation)] == list(dict.fromkeys(c.field for c in OUTPUT_COLUMNS))
+    good = EncodedSegmentation(mask_png=b"png", mask_model_png=b"small png", height=375, width=500,
+                               fractions=(0.5, 0.25, 0.25), error=None)
+    bad = EncodedSegmentation.rejected(RejectedInput("image_empty", "the image has no bytes"))
+    frame = results_frame([good, bad])
+    assert list(frame.columns) == names
+    # pandas: what Arrow hands Spark is the contract's types, whatever pandas inferred.
+    arrow_types = {"binary": pa.binary(), "int": pa.int32(), "double": pa.float64(), "string": pa.string()}
+    arrow = pa.Table.from_pandas(frame, preserve_index=False).schema
+    assert arrow.types == [arrow_types[kind] for _, kind in OUTPUT_CONTRACT]
+    assert frame.iloc[0].tolist() == [b"png", b"small png", 375, 500, 0.5, 0.25, 0.25, None]
+    assert frame.iloc[1].isna().tolist() == [True] * (len(names) - 1) + [False]
+    assert frame["error"].iloc[1] == "image_empty: the image has no bytes"
+
+
 # --------------------------------------------------------------------------- the inference job
 
 
@@ -136,6 +183,9 @@ def test_job_on_a_parquet_table_keeps_bad_rows_and_original_sizes(spark, run_dir
     assert report.failed == {"image_empty": 2, "image_undecodable": 1}
     out = {r["name"]: r for r in spark.read.parquet(str(tmp_path / "masks")).collect()}
     assert set(out) == {name for name, _, _ in rows}  # nothing lost
+    contract = [name for name, _ in OUTPUT_CONTRACT]
+    assert spark.read.parquet(str(tmp_path / "masks")).columns == ["name", *contract[:-1], "model_uri",
+                                                                    "model_version", "error"]
     local = segment_images(artifact.load(str(run_dir)), [data for _, data, _ in rows[:3]], batch_size=8)
     for i, (pet, seg) in enumerate(zip(pets, local)):
         row = out[f"pet{i}"]

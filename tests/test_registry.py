@@ -178,8 +178,10 @@ def test_the_mlflow_model_segments_photos_where_there_is_no_spark(trained, track
 
     from petseg.data import decode
     from petseg.model import preprocess
+    from petseg.model.segment import OUTPUT_COLUMNS
 
     out = pd.read_parquet(tmp_path / "out.parquet")
+    assert list(out.columns) == [c.name for c in OUTPUT_COLUMNS]  # the inference job's, in its order
     assert out["error"].tolist()[:-1] == [None] * len(pets) and out["error"].iloc[-1].startswith("image_undecodable")
     meta = artifact.resolve(str(run))
     model = keras_module().models.load_model(str(meta.model_dir), compile=False, custom_objects=custom_objects())

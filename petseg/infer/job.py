@@ -13,10 +13,10 @@ import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
-from pyspark.sql.types import BinaryType, DoubleType, IntegerType, StringType, StructField, StructType
+from pyspark.sql.types import BinaryType, DataType, DoubleType, IntegerType, StringType, StructField, StructType
 
 from petseg.config import InferConfig, InferMode, InputFormat, MlflowConfig, to_dict
-from petseg.data.decode import CLASSES, DEFAULT_MAX_IMAGE_PIXELS
+from petseg.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from petseg.env import prepare_task_environment
 from petseg.errors import InputError
 from petseg.infer.streaming import check_output, error_reason, observe_counts, run_query
@@ -24,6 +24,7 @@ from petseg.io.fs import is_glob, storage_for
 from petseg.io.publish import atomic_output, check_replaceable, verify_if_published
 from petseg.io.urls import is_mlflow_uri, is_table_name
 from petseg.model import artifact
+from petseg.model.segment import ERROR_COLUMN, OUTPUT_COLUMNS
 from petseg.session import check_gpu_task_slots, session_confs, task_cpus
 from petseg.tracking import flatten, tracked_run
 
@@ -38,18 +39,18 @@ ARROW_BATCH_CONF = "spark.sql.execution.arrow.maxRecordsPerBatch"
 #: under-estimated costs memory, rather than failing past Arrow's 2 GB of bytes per column.
 LARGE_VAR_TYPES_CONF = "spark.sql.execution.arrow.useLargeVarTypes"
 
-#: What the UDF returns per row: masks as PNG (original and model resolution), the mask's size,
-#: class fractions, and the error that replaced them for a bad row.
-SEGMENTATION_SCHEMA = StructType(
-    [
-        StructField("mask_png", BinaryType(), True),
-        StructField("mask_model_png", BinaryType(), True),
-        StructField("height", IntegerType(), True),
-        StructField("width", IntegerType(), True),
-        *[StructField(f"fraction_{name}", DoubleType(), True) for name in CLASSES],
-        StructField("error", StringType(), True),
-    ]
-)
+#: Spark's type for each type name of the output contract (:attr:`petseg.model.segment.OutputColumn.type`).
+SPARK_TYPES: dict[str, type[DataType]] = {
+    "binary": BinaryType, "integer": IntegerType, "double": DoubleType, "string": StringType,
+}
+#: What the UDF returns per row, :data:`petseg.model.segment.OUTPUT_COLUMNS` in Spark's types: masks as
+#: PNG (original and model resolution), the mask's size, class fractions, and the error that replaced
+#: them for a bad row.
+SEGMENTATION_SCHEMA = StructType([StructField(c.name, SPARK_TYPES[c.type](), c.nullable) for c in OUTPUT_COLUMNS])
+#: The column the job adds before ``error`` for the exact model (an MLflow alias as the version it named).
+MODEL_URI_COLUMN = "model_uri"
+#: The column the job adds before ``error`` for the model's training run id.
+MODEL_VERSION_COLUMN = "model_version"
 
 
 class NothingSegmentedError(InputError):
@@ -238,7 +239,7 @@ def _segment_and_write(
     if not streaming and infer.input_format is not InputFormat.table and not is_glob(str(infer.input)):
         verify_if_published(str(infer.input), key="infer.input")  # a petseg dataset: whole, one run's files
     table = (load_image_stream if streaming else load_image_table)(spark, infer=infer)
-    taken = [f.name for f in SEGMENTATION_SCHEMA.fields] + ["model_uri", "model_version"]
+    taken = [f.name for f in SEGMENTATION_SCHEMA.fields] + [MODEL_URI_COLUMN, MODEL_VERSION_COLUMN]
     if table.key in taken:
         raise InputError(
             f"the key column {table.key!r} has the name of an output column ({', '.join(taken)}); "
@@ -260,10 +261,10 @@ def _segment_and_write(
     )
     out = table.frame.select(F.col(table.key), segmentation.alias("s")).select(
         table.key,
-        *[f"s.{f.name}" for f in SEGMENTATION_SCHEMA.fields if f.name != "error"],
-        F.lit(model.uri).alias("model_uri"),
-        F.lit(version).alias("model_version"),
-        "s.error",
+        *[f"s.{f.name}" for f in SEGMENTATION_SCHEMA.fields if f.name != ERROR_COLUMN],
+        F.lit(model.uri).alias(MODEL_URI_COLUMN),
+        F.lit(version).alias(MODEL_VERSION_COLUMN),
+        f"s.{ERROR_COLUMN}",
     )
     batch_rows = arrow_batch_rows(infer, row_bytes=table.row_bytes)
     log.info("infer: %d rows per Arrow batch (largest sampled image %s bytes)", batch_rows, table.row_bytes)

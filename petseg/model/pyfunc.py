@@ -22,7 +22,7 @@ import mlflow
 import pandas as pd
 
 import petseg
-from petseg.data.decode import CLASSES, DEFAULT_MAX_IMAGE_PIXELS
+from petseg.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from petseg.env import prepare_task_environment
 from petseg.errors import InputError
 from petseg.model import artifact
@@ -39,8 +39,9 @@ DEFAULT_PARAMS = {"batch_size": 32, "model_resolution": False, "max_image_pixels
 
 
 class PetsegModel(mlflow.pyfunc.PythonModel):
-    """Encoded images in, masks out: ``mask_png``, ``mask_model_png``, ``height``, ``width``,
-    ``fraction_<class>`` and ``error`` per row, as the inference job writes them."""
+    """Encoded images in, masks out: the columns of :data:`petseg.model.segment.OUTPUT_COLUMNS` per row
+    (``mask_png``, ``mask_model_png``, ``height``, ``width``, ``fraction_<class>``, ``error``), as the
+    inference job writes them."""
 
     def load_context(self, context: Any) -> None:
         prepare_task_environment()  # tf-keras, before the load imports TensorFlow
@@ -123,14 +124,11 @@ def _signature() -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+    from petseg.model.segment import OUTPUT_COLUMNS
+
     inputs = Schema([ColSpec("binary", IMAGE_COLUMN), *[ColSpec("long", c, required=False) for c in SIZE_COLUMNS]])
-    # Every output is nullable: a bad image's row has only its error, a good one's no error.
-    outputs = Schema([
-        ColSpec("binary", "mask_png", required=False), ColSpec("binary", "mask_model_png", required=False),
-        ColSpec("integer", "height", required=False), ColSpec("integer", "width", required=False),
-        *[ColSpec("double", f"fraction_{name}", required=False) for name in CLASSES],
-        ColSpec("string", "error", required=False),
-    ])
+    # The contract's type names are MLflow's own.
+    outputs = Schema([ColSpec(c.type, c.name, required=not c.nullable) for c in OUTPUT_COLUMNS])
     params = ParamSchema([
         ParamSpec("batch_size", "long", DEFAULT_PARAMS["batch_size"]),
         ParamSpec("model_resolution", "boolean", DEFAULT_PARAMS["model_resolution"]),

@@ -8,13 +8,17 @@ Two ways in, with the same decoding (:mod:`petseg.data.decode`) and preprocessin
 * :func:`segment_stream`: the inference UDF's pipeline. Batches of rows (bytes or file URLs) to
   PNG-encoded masks, with reading and decoding of the next batches on threads while the model
   predicts, and each full-size mask encoded and dropped as soon as it is made.
+
+The output's columns are defined once, in :data:`OUTPUT_COLUMNS`: the inference UDF's Spark schema,
+the pandas frame the UDF and the MLflow model return (:func:`results_frame`) and the MLflow model's
+signature are derived from it.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterable, Iterator, Sequence
 
 import cv2
@@ -48,9 +52,13 @@ class Segmentation:
         return cls(None, None, None, str(exc))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EncodedSegmentation:
-    """One row of the inference output: PNG masks, the mask's size and class fractions, or an error."""
+    """One row of the inference output: PNG masks, the mask's size and class fractions, or an error.
+
+    Its fields are the :attr:`OutputColumn.field` of :data:`OUTPUT_COLUMNS`, in their order; keyword-only,
+    so that a field added to the contract cannot shift the values of the others.
+    """
 
     mask_png: bytes | None
     mask_model_png: bytes | None
@@ -61,7 +69,72 @@ class EncodedSegmentation:
 
     @classmethod
     def rejected(cls, exc: RejectedInput) -> "EncodedSegmentation":
-        return cls(None, None, None, None, None, str(exc))
+        """No mask: every field null but ``error``, which reads ``<reason>: <detail>``."""
+        return cls(**{**dict.fromkeys(f.name for f in fields(cls)), "error": str(exc)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputColumn:
+    """One column of the inference output, as the Spark schema, pandas and the MLflow signature spell it.
+
+    Attributes
+    ----------
+    name
+        The column's name.
+    type
+        Its type, by MLflow's name for it (``binary``, ``integer``, ``double``, ``string``), from which
+        the Spark type (:data:`petseg.infer.job.SPARK_TYPES`) and the pandas dtype
+        (:data:`PANDAS_DTYPES`) follow.
+    meaning
+        What it holds.
+    field
+        The :class:`EncodedSegmentation` field its values come from.
+    index
+        For a column per class, the class's position in that field's tuple; None for a scalar field.
+    nullable
+        Whether a row may hold null.
+    """
+
+    name: str
+    type: str
+    meaning: str
+    field: str
+    index: int | None = None
+    nullable: bool = True
+
+    def values(self, results: Sequence[EncodedSegmentation]) -> list[object]:
+        """This column's value in each of ``results``: null where its field is (a rejected row's fractions)."""
+        values = [getattr(r, self.field) for r in results]
+        if self.index is None:
+            return values
+        return [None if v is None else v[self.index] for v in values]
+
+
+#: The column a row's failure goes to: ``<reason>: <detail>``, null for a segmented row.
+ERROR_COLUMN = "error"
+
+#: The inference output's columns, in order: the contract the inference job's output, the UDF's
+#: struct and the MLflow model's frame share. Add a column here (and its field to
+#: :class:`EncodedSegmentation`); the Spark schema, the pandas frame and the MLflow signature follow.
+#: Every column is nullable: a bad row has only its error, a good one no error.
+OUTPUT_COLUMNS: tuple[OutputColumn, ...] = (
+    OutputColumn(name="mask_png", type="binary", field="mask_png",
+                 meaning="the labels as an 8-bit PNG at the image's original size (or the row's height, width)"),
+    OutputColumn(name="mask_model_png", type="binary", field="mask_model_png",
+                 meaning="the labels as an 8-bit PNG at the model's resolution, when asked for"),
+    OutputColumn(name="height", type="integer", field="height", meaning="the mask's height"),
+    OutputColumn(name="width", type="integer", field="width", meaning="the mask's width"),
+    *(OutputColumn(name=f"fraction_{name}", type="double", field="fractions", index=k,
+                   meaning=f"the share of the mask's pixels labelled {name}")
+      for k, name in enumerate(CLASSES)),
+    OutputColumn(name=ERROR_COLUMN, type="string", field="error",
+                 meaning="null, or why the row has no mask: ``<reason>: <detail>``"),
+)
+
+#: pandas dtypes for the types pandas would infer wrong from the values: integers with a null among
+#: them would become float64 (a height of 375.0), not the integers the Spark schema and the MLflow
+#: signature declare. The others keep what pandas infers, which Arrow converts to the declared types.
+PANDAS_DTYPES: dict[str, str] = {"integer": "Int32"}
 
 
 @dataclass(frozen=True)
@@ -81,17 +154,24 @@ def image_rows(data: Iterable, heights: Iterable, widths: Iterable) -> list[Imag
 
 
 def results_frame(results: Sequence[EncodedSegmentation]) -> pd.DataFrame:
-    """Rows of the inference output as pandas: ``mask_png``, ``mask_model_png``, ``height``, ``width``,
-    ``fraction_<class>`` and ``error``, the inference UDF's and the MLflow model's output."""
-    columns: dict[str, object] = {
-        "mask_png": [r.mask_png for r in results],
-        "mask_model_png": [r.mask_model_png for r in results],
-        "height": pd.array([r.height for r in results], dtype="Int32"),
-        "width": pd.array([r.width for r in results], dtype="Int32"),
-    }
-    for k, name in enumerate(CLASSES):
-        columns[f"fraction_{name}"] = [None if r.fractions is None else r.fractions[k] for r in results]
-    columns["error"] = [r.error for r in results]
+    """Rows of the inference output as pandas, with the columns of :data:`OUTPUT_COLUMNS` in their order:
+    the inference UDF's and the MLflow model's output.
+
+    Parameters
+    ----------
+    results
+        The rows, as :func:`segment_stream` yields them.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per result; integer columns as pandas' nullable ``Int32``.
+    """
+    columns: dict[str, object] = {}
+    for column in OUTPUT_COLUMNS:
+        values = column.values(results)
+        dtype = PANDAS_DTYPES.get(column.type)
+        columns[column.name] = values if dtype is None else pd.array(values, dtype=dtype)
     return pd.DataFrame(columns)
 
 
@@ -187,12 +267,12 @@ def _finish(mask_model: np.ndarray, shape: tuple[int, int], *, n_classes: int, m
     mask = resize_mask(mask_model, shape)
     try:
         return EncodedSegmentation(
-            encode_mask(mask),
-            encode_mask(mask_model, what="model-resolution mask") if model_resolution else None,
-            mask.shape[0],
-            mask.shape[1],
-            class_fractions(mask, n_classes),
-            None,
+            mask_png=encode_mask(mask),
+            mask_model_png=encode_mask(mask_model, what="model-resolution mask") if model_resolution else None,
+            height=mask.shape[0],
+            width=mask.shape[1],
+            fractions=class_fractions(mask, n_classes),
+            error=None,
         )
     except RejectedInput as exc:
         return EncodedSegmentation.rejected(exc)
