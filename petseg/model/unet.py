@@ -17,6 +17,10 @@ Decoder level ``i`` (0 = full resolution) is ``decoder{i}_up`` (Conv2DTranspose)
 ``decoder{i}_conv2``; the bottleneck dropout is ``bottleneck_dropout`` and the 1x1 classifier is
 ``head``, which returns float32 logits.
 
+:func:`build_unet` is the one factory; it joins the parts those names describe:
+:func:`_vgg16_encoder` (blocks from :data:`_VGG16_BLOCKS`, skips from :data:`ENCODER_SKIPS`),
+:func:`_decoder_block` per level, and :func:`_head`.
+
 This module imports TensorFlow only inside functions: :func:`validate_unet_args` is usable by the
 config layer on machines (the Spark driver, CI) where TensorFlow is not installed.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -333,70 +338,172 @@ def build_unet(
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ValueError(f"seed={seed!r} is not allowed; use a non-negative integer, or None for a random model")
     keras = keras_module()
-    layers = keras.layers
     encoder_weights = os.fspath(encoder_weights)
     pretrained = is_pretrained(encoder_weights)
     frozen = _resolve_auto_bool(freeze_encoder, auto=pretrained, name="freeze_encoder")
     use_bn = _resolve_auto_bool(encoder_batch_norm, auto=not pretrained, name="encoder_batch_norm")
-
-    seeds = itertools.count(1_000 * (seed or 0))
-
-    def he() -> Any:
-        # One seed per layer: a seeded initialiser repeats its values on every call.
-        return keras.initializers.HeNormal(seed=None if seed is None else next(seeds))
+    init = _Initializers(keras=keras, seed=seed)
 
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = inputs
-    encoder_layers: list[Any] = []
-    skips: list[Any] = []
-    conv_names: list[str] = []
+    encoder = _vgg16_encoder(inputs, keras=keras, n_depth=n_depth, width=width, use_bn=use_bn,
+                             batch_norm_momentum=batch_norm_momentum, init=init)
+    if pretrained:
+        _copy_pretrained_weights(encoder, encoder_weights=encoder_weights, use_bn=use_bn)
+    for layer in encoder.layers:
+        layer.trainable = not frozen
+
+    x = keras.layers.Dropout(dropout, seed=seed, name="bottleneck_dropout")(encoder.skips[-1])
+    for level in reversed(range(n_depth - 1)):
+        x = _decoder_block(x, encoder.skips[level], keras=keras, level=level,
+                           filters=encoder.skips[level + 1].shape[-1] // 2,
+                           batch_norm_momentum=batch_norm_momentum, init=init)
+    outputs = _head(x, keras=keras, n_classes=n_classes, init=init)
+    return keras.Model(inputs, outputs, name=f"unet_vgg16{'_bn' if use_bn else ''}_d{n_depth}")
+
+
+class _Initializers:
+    """The kernel initialisers of one model, seeded from one sequence when the model is seeded.
+
+    Parameters
+    ----------
+    keras
+        ``tf.keras`` (tf-keras), from :func:`keras_module`.
+    seed
+        The model's seed; None for random initialisers.
+    """
+
+    def __init__(self, *, keras: Any, seed: int | None) -> None:
+        self._keras = keras
+        self._seed = seed
+        # One seed per layer: a seeded initialiser repeats its values on every call. The layers
+        # draw them in building order, so a seed gives the same model every time.
+        self._seeds = itertools.count(1_000 * (seed or 0))
+
+    def _next_seed(self) -> int | None:
+        return None if self._seed is None else next(self._seeds)
+
+    def he(self) -> Any:
+        """He-normal, for the ReLU convolutions."""
+        return self._keras.initializers.HeNormal(seed=self._next_seed())
+
+    def glorot(self) -> Any:
+        """Glorot-uniform, for the linear head."""
+        return self._keras.initializers.GlorotUniform(seed=self._next_seed())
+
+
+@dataclass
+class _Encoder:
+    """What the decoder and the weight loading need of a built encoder.
+
+    Attributes
+    ----------
+    layers
+        Every encoder layer, to freeze or unfreeze.
+    skips
+        The outputs of the :data:`ENCODER_SKIPS` layers built, shallowest first; the last is the bottleneck.
+    conv_names
+        The VGG16 names of the convolution units built, in order: the weights a pretrained file must hold.
+    """
+
+    layers: list[Any] = field(default_factory=list)
+    skips: list[Any] = field(default_factory=list)
+    conv_names: list[str] = field(default_factory=list)
+
+
+def _vgg16_encoder(
+    x: Any, *, keras: Any, n_depth: int, width: float, use_bn: bool, batch_norm_momentum: float, init: _Initializers
+) -> _Encoder:
+    """The first ``n_depth`` VGG16 blocks over the input ``x``, under VGG16's layer names.
+
+    Parameters
+    ----------
+    x
+        The model's input tensor.
+    keras
+        ``tf.keras`` (tf-keras).
+    n_depth, width, batch_norm_momentum
+        See :func:`build_unet`.
+    use_bn
+        Build each convolution as the VGG16-BN unit (see the module's "Layer names").
+    init
+        The model's initialisers.
+
+    Returns
+    -------
+    _Encoder
+        Its layers, skip tensors and convolution names.
+    """
+    encoder = _Encoder()
     for b, (n_convs, vgg_filters) in enumerate(_VGG16_BLOCKS[:n_depth], start=1):
         filters = max(8, round(vgg_filters * width / 8) * 8)
         if b > 1:
-            pool = layers.MaxPooling2D(2, strides=2, name=f"block{b - 1}_pool")
-            encoder_layers.append(pool)
+            pool = keras.layers.MaxPooling2D(2, strides=2, name=f"block{b - 1}_pool")
+            encoder.layers.append(pool)
             x = pool(x)
         for c in range(1, n_convs + 1):
             name = f"block{b}_conv{c}"
-            if use_bn:
-                unit = [
-                    layers.Conv2D(filters, 3, padding="same", kernel_initializer=he(), name=f"{name}_conv"),
-                    layers.BatchNormalization(momentum=batch_norm_momentum, name=f"{name}_bn"),
-                    layers.ReLU(name=name),
-                ]
-            else:
-                unit = [layers.Conv2D(filters, 3, padding="same", activation="relu", kernel_initializer=he(), name=name)]
-            encoder_layers += unit
+            unit = _encoder_conv_unit(keras=keras, name=name, filters=filters, use_bn=use_bn,
+                                      batch_norm_momentum=batch_norm_momentum, init=init)
+            encoder.layers += unit
             for layer in unit:
                 x = layer(x)
-            conv_names.append(name)
+            encoder.conv_names.append(name)
             if name == ENCODER_SKIPS[b - 1]:
-                skips.append(x)
+                encoder.skips.append(x)
                 if b == n_depth:
                     break  # deeper convs of the last block feed nothing (block1_conv2 when n_depth=1)
+    return encoder
 
-    if pretrained:
-        weights = _pretrained_encoder_weights(encoder_weights, conv_names)
-        for name, values in weights.items():
-            target = f"{name}_conv" if use_bn else name
-            next(layer for layer in encoder_layers if layer.name == target).set_weights(values)
-    for layer in encoder_layers:
-        layer.trainable = not frozen
 
-    x = layers.Dropout(dropout, seed=seed, name="bottleneck_dropout")(skips[-1])
-    for i in reversed(range(n_depth - 1)):
-        filters = skips[i + 1].shape[-1] // 2
-        x = layers.Conv2DTranspose(
-            filters, 3, strides=2, padding="same", kernel_initializer=he(), name=f"decoder{i}_up"
+def _encoder_conv_unit(
+    *, keras: Any, name: str, filters: int, use_bn: bool, batch_norm_momentum: float, init: _Initializers
+) -> list[Any]:
+    """One encoder convolution: a Conv2D with its ReLU, or Conv2D -> BatchNormalization -> ReLU;
+    either way the unit's output layer is called ``name``."""
+    layers = keras.layers
+    if not use_bn:
+        return [layers.Conv2D(filters, 3, padding="same", activation="relu", kernel_initializer=init.he(), name=name)]
+    return [
+        layers.Conv2D(filters, 3, padding="same", kernel_initializer=init.he(), name=f"{name}_conv"),
+        layers.BatchNormalization(momentum=batch_norm_momentum, name=f"{name}_bn"),
+        layers.ReLU(name=name),
+    ]
+
+
+def _copy_pretrained_weights(encoder: _Encoder, *, encoder_weights: str, use_bn: bool) -> None:
+    """Copy VGG16's kernels and biases from ``encoder_weights`` (see :func:`build_unet`) into ``encoder``'s convs."""
+    weights = _pretrained_encoder_weights(encoder_weights, encoder.conv_names)
+    for name, values in weights.items():
+        target = f"{name}_conv" if use_bn else name
+        next(layer for layer in encoder.layers if layer.name == target).set_weights(values)
+
+
+def _decoder_block(
+    x: Any, skip: Any, *, keras: Any, level: int, filters: int, batch_norm_momentum: float, init: _Initializers
+) -> Any:
+    """Decoder level ``level``: double ``x``'s resolution, join the encoder's ``skip`` of that
+    resolution, normalise, then two ReLU convolutions of ``filters`` channels.
+
+    Returns
+    -------
+    tf.Tensor
+        The level's output, at the resolution of ``skip``.
+    """
+    layers = keras.layers
+    x = layers.Conv2DTranspose(
+        filters, 3, strides=2, padding="same", kernel_initializer=init.he(), name=f"decoder{level}_up"
+    )(x)
+    x = layers.Concatenate(name=f"decoder{level}_concat")([x, skip])
+    x = layers.BatchNormalization(momentum=batch_norm_momentum, name=f"decoder{level}_bn")(x)
+    x = layers.ReLU(name=f"decoder{level}_relu")(x)
+    for c in (1, 2):
+        x = layers.Conv2D(
+            filters, 3, padding="same", activation="relu", kernel_initializer=init.he(), name=f"decoder{level}_conv{c}"
         )(x)
-        x = layers.Concatenate(name=f"decoder{i}_concat")([x, skips[i]])
-        x = layers.BatchNormalization(momentum=batch_norm_momentum, name=f"decoder{i}_bn")(x)
-        x = layers.ReLU(name=f"decoder{i}_relu")(x)
-        for c in (1, 2):
-            x = layers.Conv2D(
-                filters, 3, padding="same", activation="relu", kernel_initializer=he(), name=f"decoder{i}_conv{c}"
-            )(x)
+    return x
+
+
+def _head(x: Any, *, keras: Any, n_classes: int, init: _Initializers) -> Any:
+    """The 1x1 classifier ``head``: ``n_classes`` float32 logits per pixel."""
     # float32 head: logits feed a softmax inside the loss, which must not run in float16/bfloat16.
-    glorot = keras.initializers.GlorotUniform(seed=None if seed is None else next(seeds))
-    outputs = layers.Conv2D(n_classes, 1, kernel_initializer=glorot, dtype="float32", name="head")(x)
-    return keras.Model(inputs, outputs, name=f"unet_vgg16{'_bn' if use_bn else ''}_d{n_depth}")
+    return keras.layers.Conv2D(n_classes, 1, kernel_initializer=init.glorot(), dtype="float32", name="head")(x)
