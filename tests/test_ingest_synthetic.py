@@ -126,3 +126,18 @@ def test_rejects_are_projected_and_shuffled_to_one_file_not_coalesced_with_the_i
         assert table.count() == 26
     finally:
         frame.unpersist()
+
+
+def test_every_source_has_a_loader_and_a_source_without_one_is_named_with_the_choices(tmp_path):
+    """Ingest dispatches on data.source through a table: a source added to the config without a loader fails
+    naming itself and the sources there are, before any Spark work, instead of being read as another one."""
+    import dataclasses
+
+    from petseg.config import Source
+    from petseg.errors import ConfigError
+    from petseg.ingest.convert import LOADERS, load_pairs
+
+    assert set(LOADERS) == set(Source)
+    data = dataclasses.replace(data_config(source="synthetic", dataset=str(tmp_path / "pets")), source="kaggle")
+    with pytest.raises(ConfigError, match="data.source='kaggle' has no ingest loader; use one of synthetic, oxford, tfds"):
+        load_pairs(None, data)  # no session: the table is consulted first

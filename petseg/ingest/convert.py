@@ -21,7 +21,7 @@ from petseg.config import DataConfig, Source
 from petseg.data.decode import DEFAULT_MAX_IMAGE_PIXELS, prepare_example
 from petseg.data.schema import REJECTS_SCHEMA, SPLIT, encode_value, ignore_petastorm_pyarrow_deprecations, pet_fields, pet_schema
 from petseg.data.unischema import write_common_metadata
-from petseg.errors import InputError, RejectedInput
+from petseg.errors import ConfigError, InputError, RejectedInput
 from petseg.ingest.pairs import PAIRS_SCHEMA
 from petseg.io.fs import read_file, storage_for
 from petseg.io.publish import atomic_output, check_replaceable
@@ -71,26 +71,59 @@ class IngestReport:
         return "\n".join(lines)
 
 
-def load_pairs(spark: SparkSession, data: DataConfig) -> DataFrame:
-    """The configured source as a DataFrame of :data:`petseg.ingest.pairs.PAIRS_SCHEMA`."""
-    partitions = data.partitions or 2 * spark.sparkContext.defaultParallelism
-    if data.source is Source.synthetic:
-        from petseg.ingest.synthetic import load_synthetic
+def _load_synthetic(spark: SparkSession, *, data: DataConfig, partitions: int) -> DataFrame:
+    """Generated pets (data.source=synthetic), in ``partitions`` tasks."""
+    from petseg.ingest.synthetic import load_synthetic
 
-        return load_synthetic(
-            spark,
-            count=data.synthetic_count,
-            seed=data.synthetic_seed,
-            test_fraction=data.synthetic_test_fraction,
-            partitions=partitions,
-        )
-    if data.source is Source.oxford:
-        from petseg.ingest.oxford import load_oxford
+    return load_synthetic(
+        spark,
+        count=data.synthetic_count,
+        seed=data.synthetic_seed,
+        test_fraction=data.synthetic_test_fraction,
+        partitions=partitions,
+    )
 
-        return load_oxford(spark, root=str(data.input), partitions=partitions)
+
+def _load_oxford(spark: SparkSession, *, data: DataConfig, partitions: int) -> DataFrame:
+    """The Oxford-IIIT Pet release under data.input (data.source=oxford), decoded in ``partitions`` tasks."""
+    from petseg.ingest.oxford import load_oxford
+
+    return load_oxford(spark, root=str(data.input), partitions=partitions)
+
+
+def _load_tfds(spark: SparkSession, *, data: DataConfig, partitions: int) -> DataFrame:
+    """The TFDS build in the data_dir data.input (data.source=tfds); ``partitions`` is not used."""
+    # One task per slice of the TFDS splits (petseg.ingest.tfds.SLICE_SIZE), whatever data.partitions says.
     from petseg.ingest.tfds import load_tfds
 
     return load_tfds(spark, data_dir=str(data.input), name=data.tfds_name, download=data.tfds_download)
+
+
+#: data.source -> the loader that reads it into :data:`petseg.ingest.pairs.PAIRS_SCHEMA` rows. Each
+#: loader imports its module when called, so a job imports only the source it reads.
+LOADERS: dict[Source, Callable[..., DataFrame]] = {
+    Source.synthetic: _load_synthetic,
+    Source.oxford: _load_oxford,
+    Source.tfds: _load_tfds,
+}
+
+
+def load_pairs(spark: SparkSession, data: DataConfig) -> DataFrame:
+    """The configured source as a DataFrame of :data:`petseg.ingest.pairs.PAIRS_SCHEMA`.
+
+    Raises
+    ------
+    ConfigError
+        When ``data.source`` has no loader in :data:`LOADERS`, naming it and the sources there are.
+    """
+    loader = LOADERS.get(data.source)
+    if loader is None:
+        choices = ", ".join(source.value for source in LOADERS)
+        raise ConfigError(
+            f"data.source={getattr(data.source, 'value', data.source)!r} has no ingest loader; use one of {choices}"
+        )
+    partitions = data.partitions or 2 * spark.sparkContext.defaultParallelism
+    return loader(spark, data=data, partitions=partitions)
 
 
 def prepare_pairs(

@@ -16,9 +16,10 @@ id with two sets of pixels: every image file of that stem is rejected as ``dupli
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from petseg.errors import InputError, RejectedInput
@@ -61,7 +62,46 @@ def load_oxford(
     InputError
         When the folders or both split lists are missing, or no image file is found.
     """
-    root = root.rstrip("/")
+    listing = _list_release(spark, root=root.rstrip("/"))
+    pairs = _paired_images(spark, listing, partitions=partitions, broadcast_bytes=broadcast_bytes)
+    unpaired = _unpaired_files(spark, listing)
+    if unpaired is not None:
+        pairs = pairs.unionByName(unpaired, allowMissingColumns=True)
+    return pairs.select([f.name for f in PAIRS_SCHEMA.fields])
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """The release as listed on the driver: files by stem, and the split lists' entries.
+
+    Attributes
+    ----------
+    images_url, trimaps_url
+        The two folders listed.
+    image_files, trimap_files
+        stem -> paths (more than one path for a duplicated stem).
+    trimap_listing_bytes
+        Bytes of the trimaps' stems and paths: what a broadcast of them would hold.
+    listed
+        stem -> (split, list path, number of lists naming it), from :func:`_read_lists`.
+    """
+
+    images_url: str
+    trimaps_url: str
+    image_files: dict[str, list[str]]
+    trimap_files: dict[str, list[str]]
+    trimap_listing_bytes: int
+    listed: dict[str, tuple[str, str, int]]
+
+
+def _list_release(spark: SparkSession, *, root: str) -> _Listing:
+    """List the release under ``root`` (no trailing slash): its image and trimap files and its split lists.
+
+    Raises
+    ------
+    InputError
+        When the folders or both split lists are missing, or no image file is found.
+    """
     storage = storage_for(spark)
     images_url, trimaps_url = f"{root}/images", f"{root}/annotations/trimaps"
     missing = [u for u in (images_url, trimaps_url) if not storage.is_dir(u)]
@@ -82,21 +122,27 @@ def load_oxford(
     image_files, _ = _paths_by_stem(list_files(f"{images_url}/{IMAGE_GLOB}"))
     trimap_files, trimap_listing_bytes = _paths_by_stem(list_files(f"{trimaps_url}/{TRIMAP_GLOB}"))
     listed = _read_lists(list_urls)
-    image_ids, trimap_ids = set(image_files), set(trimap_files)
-    if not image_ids:
+    if not image_files:
         raise InputError(f"{images_url} holds no image files ({IMAGE_GLOB}); is data.input the right folder?")
+    return _Listing(images_url=images_url, trimaps_url=trimaps_url, image_files=image_files,
+                    trimap_files=trimap_files, trimap_listing_bytes=trimap_listing_bytes, listed=listed)
 
+
+def _paired_images(spark: SparkSession, listing: _Listing, *, partitions: int, broadcast_bytes: int) -> DataFrame:
+    """One row per image file, spread over ``partitions`` decode tasks: its trimap's path, its split,
+    and the reason it is rejected, if any (see :func:`_rejection`); no file is read yet."""
     # Spread over the decode tasks by a shuffle of paths only: no file is read before the decode task.
-    ids, paths = _flatten(image_files)
+    ids, paths = _flatten(listing.image_files)
     image_rows = _local(spark, {"id": ids, "path": paths}, "id string, path string").repartition(partitions)
-    ids, paths = _flatten(trimap_files)
+    ids, paths = _flatten(listing.trimap_files)
     mask_rows = _local(spark, {"id": ids, "mask_path": paths}, "id string, mask_path string")
-    duplicates = _duplicate_ids(image_files, trimap_files)
+    duplicates = _duplicate_ids(listing.image_files, listing.trimap_files)
     # One trimap row per stem, so the join below gives each image file exactly one row.
     if duplicates:
         mask_rows = mask_rows.where(~F.col("id").isin(list(duplicates)))
     duplicate_rows = _local(spark, {"id": list(duplicates), "duplicate": list(duplicates.values())},
                             "id string, duplicate string")
+    listed = listing.listed
     split_rows = _local(
         spark,
         {
@@ -108,7 +154,7 @@ def load_oxford(
     )
 
     # The large side (images) stays in its decode partitions; trimaps (when small) and lists are broadcast to it.
-    if trimap_listing_bytes <= broadcast_bytes:
+    if listing.trimap_listing_bytes <= broadcast_bytes:
         paired = image_rows.join(F.broadcast(mask_rows), "id", "left")
     else:
         paired = image_rows.join(mask_rows, "id", "left")
@@ -116,6 +162,15 @@ def load_oxford(
         paired.join(F.broadcast(split_rows), "id", "left")
         .join(F.broadcast(duplicate_rows), "id", "left")
     )
+    reason, detail = _rejection(trimaps_url=listing.trimaps_url)
+    no_bytes = F.lit(None).cast("binary")
+    return paired.select("id", "split", "path", no_bytes.alias("image"), no_bytes.alias("mask"), reason.alias("reason"),
+                         detail.alias("detail"), "mask_path")
+
+
+def _rejection(*, trimaps_url: str) -> tuple[Column, Column]:
+    """(reason, detail) of a paired image row: null for a row to decode, else the first of these that
+    applies: ``duplicate_id``, ``mask_missing``, ``in_both_split_lists``, ``not_in_split_lists``."""
     reason = (
         F.when(F.col("duplicate").isNotNull(), F.lit("duplicate_id"))
         .when(F.col("mask_path").isNull(), F.lit("mask_missing"))
@@ -128,24 +183,26 @@ def load_oxford(
         .when(F.col("n_lists") > 1, F.lit("listed in both trainval.txt and test.txt; keep it in one"))
         .when(F.col("split").isNull(), F.lit("listed in neither trainval.txt nor test.txt"))
     )
-    no_bytes = F.lit(None).cast("binary")
-    pairs = paired.select("id", "split", "path", no_bytes.alias("image"), no_bytes.alias("mask"), reason.alias("reason"),
-                          detail.alias("detail"), "mask_path")
+    return reason, detail
 
-    # Trimaps without an image, and listed stems with no file at all, are reported too: nothing is lost.
+
+def _unpaired_files(spark: SparkSession, listing: _Listing) -> DataFrame | None:
+    """Rejected rows for trimaps without an image (``image_missing``) and listed stems with no file at
+    all (``listed_files_missing``), so that nothing is lost unreported; None when there are none."""
+    image_ids, trimap_ids, listed = set(listing.image_files), set(listing.trimap_files), listing.listed
     unpaired = [
-        (stem, None, f"{trimaps_url}/{stem}.png", "image_missing", f"trimap has no image {stem}.* in {images_url}")
+        (stem, None, f"{listing.trimaps_url}/{stem}.png", "image_missing",
+         f"trimap has no image {stem}.* in {listing.images_url}")
         for stem in sorted(trimap_ids - image_ids)
     ] + [
         (stem, listed[stem][0], listed[stem][1], "listed_files_missing", "listed, but neither image nor trimap exists")
         for stem in sorted(set(listed) - image_ids - trimap_ids)
     ]
-    if unpaired:
-        columns = ["id", "split", "path", "reason", "detail"]
-        extra = _local(spark, {c: [row[i] for row in unpaired] for i, c in enumerate(columns)},
-                       ", ".join(f"{c} string" for c in columns))
-        pairs = pairs.unionByName(extra, allowMissingColumns=True)
-    return pairs.select([f.name for f in PAIRS_SCHEMA.fields])
+    if not unpaired:
+        return None
+    columns = ["id", "split", "path", "reason", "detail"]
+    return _local(spark, {c: [row[i] for row in unpaired] for i, c in enumerate(columns)},
+                  ", ".join(f"{c} string" for c in columns))
 
 
 def _local(spark: SparkSession, columns: dict[str, list], schema: str) -> DataFrame:
