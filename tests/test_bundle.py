@@ -1,5 +1,6 @@
 """The Databricks bundle against the code: entry points exist, every parameter is a key the job accepts."""
 
+import functools
 import re
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 import tomllib
 import yaml
 
-from petseg import config
+from petseg import config, env
 from petseg.io import urls
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,29 +47,99 @@ TASKS = [(job, task) for job, spec in BUNDLE["resources"]["jobs"].items() for ta
 LTS_ML_RUNTIMES = {"15.4": "scala2.12", "16.4": "scala2.12", "17.3": "scala2.13"}
 
 
-def test_bundle_shape():
-    assert set(TARGETS) == {"dev", "dev-16-4", "dev-17-3", "prod"} and BUNDLE["targets"]["prod"]["mode"] == "production"
-    job = BUNDLE["resources"]["jobs"]["petseg_pipeline"]
-    assert [t["task_key"] for t in job["tasks"]] == ["ingest", "train", "infer", "evaluate"]
-    cluster = job["job_clusters"][0]["new_cluster"]
+def _variables(target: str) -> dict[str, str]:
+    """The bundle's variables as ``target`` sets them: its own values over the defaults."""
+    variables = {name: spec.get("default") for name, spec in BUNDLE["variables"].items()}
+    variables.update(BUNDLE["targets"][target].get("variables", {}))
+    return variables
+
+
+def _invocation(task: dict, target: str) -> config.Invocation:
+    """The task's parameters under ``target``, parsed as its entry point parses them."""
+    return _parsed(tuple(str(a) for a in task["python_wheel_task"]["parameters"]), target)
+
+
+@functools.lru_cache(maxsize=None)
+def _parsed(parameters: tuple[str, ...], target: str) -> config.Invocation:
+    # Parsed once per run: two tests read each task's config (neither changes it).
+    variables = _variables(target)
+    return config.parse_command_line([_substitute(a, variables, target) for a in parameters])
+
+
+def test_only_development_targets_are_the_default_and_prod_deploys_in_production_mode():
+    # `databricks bundle deploy` without -t deploys the default target: never the production one.
+    defaults = [name for name, spec in BUNDLE["targets"].items() if spec.get("default")]
+    assert len(defaults) == 1 and BUNDLE["targets"][defaults[0]]["mode"] == "development", defaults
+    assert BUNDLE["targets"]["prod"]["mode"] == "production"
+
+
+def test_every_target_runs_a_gpu_ml_runtime_of_an_lts_line_and_together_they_cover_every_line():
+    cluster = BUNDLE["resources"]["jobs"]["petseg_pipeline"]["job_clusters"][0]["new_cluster"]
     runtimes = {}
     for target in TARGETS:
-        variables = {name: spec.get("default") for name, spec in BUNDLE["variables"].items()}
-        variables.update(BUNDLE["targets"][target].get("variables", {}))
-        version = _substitute(cluster["spark_version"], variables, target)
+        version = _substitute(cluster["spark_version"], _variables(target), target)
         line, _, rest = version.partition(".x-")
-        assert rest == f"gpu-ml-{LTS_ML_RUNTIMES[line]}", f"{target}: {version} is not a GPU ML runtime of an LTS line"
+        assert rest == f"gpu-ml-{LTS_ML_RUNTIMES.get(line)}", f"{target}: {version} is not a GPU ML runtime of an LTS line"
         runtimes[target] = line
-    assert runtimes["dev"] == runtimes["prod"] == "15.4" and set(runtimes.values()) == set(LTS_ML_RUNTIMES)
+    assert runtimes["prod"] == runtimes[next(t for t, s in BUNDLE["targets"].items() if s.get("default"))], runtimes
+    assert set(runtimes.values()) == set(LTS_ML_RUNTIMES), runtimes
+
+
+def test_the_job_cluster_gives_training_what_it_needs():
+    job = BUNDLE["resources"]["jobs"]["petseg_pipeline"]
+    clusters = {c["job_cluster_key"]: c["new_cluster"] for c in job["job_clusters"]}
+    assert {t["job_cluster_key"] for t in job["tasks"]} <= set(clusters)
     # 16.4 and 17.3 ML pre-install no spark-tensorflow-distributor: training installs the one petseg[ml] names.
     train = next(t for t in job["tasks"] if t["task_key"] == "train")
     wanted = next(r for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["ml"]
                   if r.startswith("spark-tensorflow-distributor"))
     assert {"pypi": {"package": wanted}} in train["libraries"]
-    assert cluster["spark_conf"]["spark.task.resource.gpu.amount"] == "1"
-    assert cluster["spark_env_vars"]["TF_USE_LEGACY_KERAS"] == "1"
-    keys = {t["job_cluster_key"] for t in job["tasks"]}
-    assert keys <= {c["job_cluster_key"] for c in job["job_clusters"]}
+    cluster = clusters[train["job_cluster_key"]]
+    conf = cluster["spark_conf"]
+    # A whole GPU per task (the runner's barrier tasks, the inference UDF), and no more than an
+    # executor has: Spark would never schedule a task that asks for more.
+    assert float(conf["spark.task.resource.gpu.amount"]) == 1 <= float(conf["spark.executor.resource.gpu.amount"])
+    # tf-keras on the driver and on every executor, under the name petseg itself sets.
+    assert cluster["spark_env_vars"][env.LEGACY_KERAS_ENV] == conf[f"spark.executorEnv.{env.LEGACY_KERAS_ENV}"] == "1"
+
+
+#: Config keys whose location each job writes, and reads, in the sections that job validates.
+WRITES = {"ingest": ("data.dataset", "data.rejects"), "train": ("train.output_dir",), "infer": ("infer.output",),
+          "evaluate": ("evaluate.output",)}
+READS = {"ingest": ("data.input",), "train": ("data.dataset",), "infer": ("infer.model", "infer.input"),
+         "evaluate": ("evaluate.model", "evaluate.dataset")}
+
+
+def _locations(cfg: config.Config, keys: tuple[str, ...]) -> set[str]:
+    values = [getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in keys]
+    return {str(v).rstrip("/") for v in values if v}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_each_task_runs_after_the_tasks_that_write_what_it_reads(target):
+    """The order of a job is its depends_on edges, not the order its tasks are listed in: a task that
+    reads what another writes must depend on it (else it may read the last run's), one that reads
+    nothing of the job's own writes must not wait for any, and no two tasks write one location."""
+    written: dict[str, str] = {}
+    for job, spec in BUNDLE["resources"]["jobs"].items():
+        invocations = {task["task_key"]: _invocation(task, target) for task in spec["tasks"]}
+        writes = {key: _locations(inv.config, WRITES[inv.job]) for key, inv in invocations.items()}
+        for key, locations in writes.items():
+            for location in locations:
+                assert location not in written, f"{job}.{key} and {written[location]} both write {location}"
+                written[location] = f"{job}.{key}"
+        after = {task["task_key"]: {d["task_key"] for d in task.get("depends_on", [])} for task in spec["tasks"]}
+
+        def upstream(key: str) -> set[str]:
+            return set().union(*[{d} | upstream(d) for d in after[key]])
+
+        for key, inv in invocations.items():
+            reads = _locations(inv.config, READS[inv.job])
+            producers = {other for other, locations in writes.items() if other != key and reads & locations}
+            assert producers <= upstream(key), \
+                f"{job}.{key} reads what {producers - upstream(key)} write without depending on them"
+            assert bool(producers) == bool(after[key]), \
+                f"{job}.{key}: depends on {after[key]}, reads what {producers} write"
 
 
 def test_every_wheel_path_names_the_built_wheel_from_the_file_that_holds_it():
@@ -115,11 +186,9 @@ def test_every_task_runs_a_console_script_with_valid_keys(job, task, target):
     wheel_task = task["python_wheel_task"]
     assert wheel_task["package_name"] == "petseg"
     assert wheel_task["entry_point"] in scripts, f"{wheel_task['entry_point']} is not in [project.scripts]"
-    variables = {name: spec.get("default") for name, spec in BUNDLE["variables"].items()}
-    variables.update(BUNDLE["targets"][target].get("variables", {}))
-    args = [_substitute(str(a), variables, target) for a in wheel_task["parameters"]]
+    variables = _variables(target)
     # The same parser the entry point runs: an unknown key, a bad value or a missing required key fails.
-    invocation = config.parse_command_line(args)
+    invocation = _invocation(task, target)
     assert invocation.job == task["task_key"]
     cfg = invocation.config
     # Paths are Unity Catalog volumes (local mounts on Databricks) and outputs can be catalog tables.

@@ -13,6 +13,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from petseg import config  # noqa: E402
+from petseg.config.layers import LOCAL_CONF  # noqa: E402
 from petseg.data import decode, render  # noqa: E402
 from petseg.model import (  # noqa: E402
     ENCODER_SKIPS,
@@ -256,9 +258,30 @@ def test_learning_rate_warms_up_then_decays():
         make_optimizer(learning_rate=1e-3, warmup_steps=200, total_steps=100)
 
 
-def test_validate_unet_args_accepts_the_recipe_values():
-    validate_unet_args(image_size=128, n_depth=5, encoder_weights="imagenet")
-    validate_unet_args(image_size=32, n_depth=3, encoder_weights="none", freeze_encoder="false")
+#: The shipped recipes, as config layers and overrides: base.yaml's (the tutorial's VGG16 U-Net, at the
+#: 128 px the bundle trains; the locations only so that the train job's config is complete) and
+#: local.yaml's from-scratch demo.
+RECIPES = {
+    "tutorial": ((), ("data.image_size=128", "data.dataset=file:///tmp/pets", "train.output_dir=file:///tmp/run")),
+    "local demo": ((LOCAL_CONF,), ()),
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_validate_unet_args_accepts_the_recipe_values(recipe):
+    """The model section of a shipped recipe, in the form the config stores it (strings for the auto
+    flags), passes; the same call with an image size its depth cannot halve evenly is refused, so the
+    pass is a decision on these values and not a check that never fails."""
+    conf_files, overrides = RECIPES[recipe]
+    cfg = config.load(conf_files=conf_files, overrides=overrides, job="train")
+    m = cfg.model
+    values = dict(image_size=cfg.data.image_size, n_depth=m.n_depth, encoder_weights=m.encoder_weights,
+                  freeze_encoder=m.freeze_encoder, encoder_batch_norm=m.encoder_batch_norm, width=m.width,
+                  batch_norm_momentum=m.batch_norm_momentum)
+    assert validate_unet_args(**values) is None
+    odd = values["image_size"] + 1
+    with pytest.raises(ValueError, match=f"image_size={odd} is not divisible by 2\\*\\*\\(n_depth-1\\)"):
+        validate_unet_args(**{**values, "image_size": odd})
 
 
 def test_loading_a_model_keeps_tensorflow_start_up_chatter_off_the_console(exported_run):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,17 +24,26 @@ def _load_cluster_script():
     return module
 
 
+#: A process that says when it runs its own command line, then sleeps until it is ended.
+SLEEPER = [sys.executable, "-c", "import time; print('running', flush=True); time.sleep(300)"]
+#: Seconds to wait for it to say so: a safety net for a machine too busy to start Python, not a pace.
+SAFETY_TIMEOUT = 120
+
+
 @pytest.fixture
 def sleeper():
-    process = subprocess.Popen(["sleep", "300"])
     # Popen returns once the child's exec has begun; from a large parent (this test process, after
-    # others) /proc still shows the parent's name and an empty command line for a moment after.
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{process.pid}/cmdline").read_bytes() != b"sleep\0" + b"300\0" and time.monotonic() < deadline:
-        time.sleep(0.01)
-    yield process
-    process.kill()
-    process.wait()
+    # others) /proc still shows the parent's name and an empty command line for a moment after. The
+    # child's own first line comes from its own program: by then /proc shows its command line.
+    process = subprocess.Popen(SLEEPER, stdout=subprocess.PIPE, text=True)
+    try:
+        said, _, _ = select.select([process.stdout], [], [], SAFETY_TIMEOUT)
+        assert said and process.stdout.readline() == "running\n", f"{SLEEPER} did not start in {SAFETY_TIMEOUT} s"
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
 
 
 def _record(directory: Path, pid: int, command: list[str]) -> None:
@@ -44,7 +53,7 @@ def _record(directory: Path, pid: int, command: list[str]) -> None:
 
 
 def test_stop_signals_a_process_that_still_runs_its_command(sleeper, tmp_path):
-    _record(tmp_path, sleeper.pid, ["sleep", "300"])
+    _record(tmp_path, sleeper.pid, SLEEPER)
     _load_cluster_script().stop(directory=tmp_path, grace=30)
     with pytest.raises(ProcessLookupError):  # ended (and reaped: it is this process's child)
         os.kill(sleeper.pid, 0)

@@ -7,6 +7,7 @@ env.prepare_process_environment(master="local[2]")  # tf-keras, before TensorFlo
 import io  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 
 import pytest  # noqa: E402
@@ -163,23 +164,65 @@ def test_a_stream_over_a_folder_petseg_replaces_whole_is_refused_before_spark_ru
     assert not (tmp_path / "out").exists()
 
 
-def _rows_when(spark, out, expected, proc, timeout=240):
-    """Poll the stream's output (as Spark reads it: committed micro-batches only) until it holds
-    ``expected`` rows; fail with the job's stderr if it ends or time runs out."""
-    import time
+#: Seconds the stream test may run in all before it fails: a safety net against a stream that never
+#: gets there, not a pace it must keep; every wait ends as soon as its condition holds or the job ends.
+STREAM_SAFETY_TIMEOUT = 1200
+#: Seconds between looks at the sink's commit log while the job runs.
+COMMIT_LOOK_SECONDS = 0.5
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        log = out / "_spark_metadata"
-        if log.is_dir() and any(p.name.isdigit() for p in log.iterdir()):  # a micro-batch committed
+
+class _Output:
+    """A process's stdout and stderr, read on threads of their own as it writes them: the job never
+    blocks on a full pipe, and the end of its stderr (the process's end) is an event to wait on."""
+
+    def __init__(self, proc) -> None:
+        self.ended = threading.Event()
+        self._lines: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self._readers = [threading.Thread(target=self._read, args=(proc.stdout, "stdout"), daemon=True),
+                         threading.Thread(target=self._read, args=(proc.stderr, "stderr"), daemon=True)]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, stream, name: str) -> None:
+        for line in stream:
+            self._lines[name].append(line)
+        if name == "stderr":
+            self.ended.set()
+
+    def text(self, name: str) -> str:
+        """What the process wrote to ``name`` so far (all of it once it has ended and :meth:`close` ran)."""
+        return "".join(self._lines[name])
+
+    def close(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for both streams to be read to their end."""
+        for reader in self._readers:
+            reader.join(timeout)
+
+
+def _rows_when(spark, out, expected, proc, output: _Output, *, deadline: float) -> None:
+    """Wait until the stream's output (as Spark reads it: committed micro-batches only) holds ``expected``
+    rows, counted again each time the sink commits a micro-batch; fail as soon as the job ends, or at
+    ``deadline`` (a ``time.monotonic()`` value, the safety net)."""
+    commits = out / "_spark_metadata"
+    counted: set[str] = set()
+    while proc.poll() is None:
+        # The sink's log entries, N and N.compact; not the file system's hidden .N.crc checksums.
+        committed = {p.name for p in commits.iterdir() if p.name.split(".")[0].isdigit()} if commits.is_dir() else set()
+        if committed != counted:
+            counted = committed
             n = spark.read.parquet(str(out)).count()
             assert n <= expected
             if n == expected:
                 return
-        time.sleep(1)
-    proc.kill()
-    pytest.fail(f"the stream did not reach {expected} rows in {timeout} s: {proc.communicate()[1][-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            output.close(60)
+            pytest.fail(f"the stream did not reach {expected} rows in {STREAM_SAFETY_TIMEOUT} s: "
+                        f"{output.text('stderr')[-3000:]}")
+        if output.ended.wait(COMMIT_LOOK_SECONDS):  # its stderr closed: the job is ending
+            proc.wait(timeout=60)
+    output.close(60)
+    pytest.fail(f"the stream ended (exit {proc.returncode}) before {expected} rows: {output.text('stderr')[-3000:]}")
 
 
 @pytest.mark.slow
@@ -194,13 +237,18 @@ def test_a_stream_segments_images_as_they_arrive_stops_on_sigterm_and_resumes(sp
     environ = {k: v for k, v in os.environ.items() if k != "PYSPARK_PYTHON"}
     cmd = [sys.executable, "-m", "petseg.cli", "infer", "spark.master=local[1]", f"infer.model={exported_run}",
            f"infer.input={photos}", f"infer.output={out}", "infer.mode=stream", "infer.trigger_interval=1 second"]
+    deadline = time.monotonic() + STREAM_SAFETY_TIMEOUT
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
+    output = _Output(proc)
     try:
-        _rows_when(spark, out, 4, proc)
+        _rows_when(spark, out, 4, proc, output, deadline=deadline)
         _add_photos(photos, 4, 3)
-        _rows_when(spark, out, 7, proc)
+        _rows_when(spark, out, 7, proc, output, deadline=deadline)
         proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=120)
+        # Stopping waits for the running micro-batch, if any; the safety net is what is left of the deadline.
+        proc.wait(timeout=max(deadline - time.monotonic(), 120))
+        output.close(60)
+        stdout, stderr = output.text("stdout"), output.text("stderr")
     finally:
         if proc.poll() is None:
             proc.kill()
