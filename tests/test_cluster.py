@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CLUSTER = ROOT / "jobs" / "standalone_cluster.py"
+CLUSTER = ROOT / "tools" / "standalone_cluster.py"
 SPARK_SUBMIT = Path(sys.executable).parent / "spark-submit"
 
 

@@ -1,7 +1,7 @@
 """Inference and evaluation through a real Spark Connect server on Spark 4, from the second environment.
 
 ``make spark4-env`` builds .venv-spark4 (pyspark 4.0 with Spark Connect, numpy 2, TensorFlow, no
-petastorm), and jobs/connect_server.py starts a local Connect server from it, whose Python workers
+petastorm), and tools/connect_server.py starts a local Connect server from it, whose Python workers
 run that environment. The dataset is ingested and the
 classic-mode outputs are computed by this (main, Spark 3.5) environment: what comes back through
 Connect must equal them.
@@ -43,7 +43,7 @@ def register(run: Path, *, store: str, name: str, alias: str) -> None:
 @pytest.fixture(scope="module")
 def connect_url(tmp_path_factory):
     folder = tmp_path_factory.mktemp("connect-server")
-    started = run_spark4("python", "jobs/connect_server.py", "start", "--dir", str(folder), "--master", "local[2]")
+    started = run_spark4("python", "tools/connect_server.py", "start", "--dir", str(folder), "--master", "local[2]")
     assert started.returncode == 0, started.stderr[-3000:]
     url = started.stdout.strip().splitlines()[-1]
     assert url.startswith("sc://127.0.0.1:")
@@ -51,7 +51,7 @@ def connect_url(tmp_path_factory):
     try:
         yield url
     finally:
-        stopped = run_spark4("python", "jobs/connect_server.py", "stop", "--dir", str(folder))
+        stopped = run_spark4("python", "tools/connect_server.py", "stop", "--dir", str(folder))
         assert stopped.returncode == 0, stopped.stderr[-2000:]
         left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _group(p) == pid]
         assert not left, f"processes of the Connect server's group are left: {[p.name for p in left]}"

@@ -224,7 +224,7 @@ def test_the_docs_pages_exist_and_the_readme_links_each():
 def test_every_path_the_docs_name_exists():
     missing = set()
     for page, text in _page_texts().items():
-        named = set(re.findall(r"\b((?:petseg|jobs|bench|tests|conf|docs|resources)/[\w/.-]*\w)", text))
+        named = set(re.findall(r"\b((?:petseg|jobs|tools|bench|tests|conf|docs|resources)/[\w/.-]*\w)", text))
         missing |= {f"{page}: {p}" for p in named if not (ROOT / p).exists()}
     assert sorted(missing) == []
 

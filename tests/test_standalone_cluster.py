@@ -1,4 +1,4 @@
-"""jobs/standalone_cluster.py on real processes: `stop` signals only what `start` started, UIs on loopback."""
+"""tools/standalone_cluster.py on real processes: `stop` signals only what `start` started, UIs on loopback."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CLUSTER = ROOT / "jobs" / "standalone_cluster.py"
+CLUSTER = ROOT / "tools" / "standalone_cluster.py"
 
 
 def _load_cluster_script():

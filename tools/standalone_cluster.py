@@ -1,7 +1,7 @@
 """Start or stop a real Spark standalone cluster on 127.0.0.1, from the pip pyspark's own launchers.
 
-    python jobs/standalone_cluster.py start --dir build/cluster [--workers 2 --cores 1 --memory 3g]
-    python jobs/standalone_cluster.py stop --dir build/cluster
+    python tools/standalone_cluster.py start --dir build/cluster [--workers 2 --cores 1 --memory 3g]
+    python tools/standalone_cluster.py stop --dir build/cluster
 
 ``start`` runs one Master and the Workers with ``bin/spark-class`` (SPARK_HOME is the installed
 pyspark package), waits until the master reports every worker alive, records their process ids

@@ -1,7 +1,7 @@
 """Start or stop a local Spark Connect server, from the pip pyspark 4 that runs this script.
 
-    .venv-spark4/bin/python jobs/connect_server.py start --dir build/connect [--master local[2]]
-    .venv-spark4/bin/python jobs/connect_server.py stop --dir build/connect
+    .venv-spark4/bin/python tools/connect_server.py start --dir build/connect [--master local[2]]
+    .venv-spark4/bin/python tools/connect_server.py stop --dir build/connect
 
 pyspark 4.0's wheel carries the Connect server (``jars/spark-connect_2.13-*.jar``) but not Spark's
 ``sbin/start-connect-server.sh``, so ``start`` runs ``bin/spark-submit`` with the server's class,
