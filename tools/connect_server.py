@@ -22,7 +22,7 @@ import socket
 import sys
 from pathlib import Path
 
-from standalone_cluster import HOST, _free_port, _launch, spark_home, stop_recorded, wait_until
+from standalone_cluster import HOST, free_port, launch, spark_home, stop_recorded, wait_until
 
 STATE_FILE = "server.json"
 #: The server class that Spark's sbin/start-connect-server.sh submits.
@@ -46,7 +46,7 @@ def start(*, directory: Path, master: str, timeout: float = 180.0) -> dict:
     # themselves, and this server shows whether they do.
     env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
     env.update(SPARK_HOME=str(spark_home()), SPARK_LOCAL_IP=HOST, PYSPARK_PYTHON=sys.executable)
-    port = _free_port()
+    port = free_port()
     url = f"sc://{HOST}:{port}"
     state: dict = {"url": url, "pids": [], "commands": {}}
     args = [
@@ -56,7 +56,7 @@ def start(*, directory: Path, master: str, timeout: float = 180.0) -> dict:
         "--conf", "spark.ui.enabled=false", "--conf", f"spark.pyspark.python={sys.executable}",
         "--conf", f"spark.local.dir={directory / 'tmp'}",
     ]
-    server = _launch(args, program="spark-submit", log=directory / "server.log", env=env, state=state)
+    server = launch(args, program="spark-submit", log=directory / "server.log", env=env, state=state)
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2))  # written first, so `stop` can always clean up
     if wait_until(lambda: _accepts(port), server, timeout=timeout):
         return state

@@ -35,13 +35,13 @@ def spark_home() -> Path:
     return Path(pyspark.__file__).resolve().parent
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
 
 
-def _launch(args: list[str], *, log: Path, env: dict[str, str], state: dict, program: str = "spark-class") -> subprocess.Popen:
+def launch(args: list[str], *, log: Path, env: dict[str, str], state: dict, program: str = "spark-class") -> subprocess.Popen:
     """Start ``bin/<program> args`` in a session of its own and record its id and command line in ``state``."""
     command = [str(spark_home() / "bin" / program), *args]
     # spark-class (and spark-submit, through it) ends in `exec java ...`, so the id we record is the JVM's own.
@@ -102,10 +102,10 @@ def start(*, directory: Path, workers: int, cores: int, memory: str, timeout: fl
     # --host binds the daemons' RPC; their web UIs bind SPARK_LOCAL_IP, else every interface.
     env = dict(os.environ, SPARK_HOME=str(spark_home()), SPARK_LOG_DIR=str(logs), SPARK_NO_DAEMONIZE="1",
                SPARK_LOCAL_IP=HOST)
-    port, ui_port = _free_port(), _free_port()
+    port, ui_port = free_port(), free_port()
     url = f"spark://{HOST}:{port}"
     state: dict = {"master_url": url, "master_ui": f"http://{HOST}:{ui_port}", "pids": [], "commands": {}}
-    master = _launch(
+    master = launch(
         ["org.apache.spark.deploy.master.Master", "--host", HOST, "--port", str(port), "--webui-port", str(ui_port)],
         log=logs / "master.log", env=env, state=state,
     )
@@ -113,9 +113,9 @@ def start(*, directory: Path, workers: int, cores: int, memory: str, timeout: fl
     for i in range(workers):
         work_dir = directory / f"worker-{i}"
         work_dir.mkdir(exist_ok=True)
-        _launch(
+        launch(
             ["org.apache.spark.deploy.worker.Worker", "--host", HOST, "--cores", str(cores), "--memory", memory,
-             "--work-dir", str(work_dir), "--webui-port", str(_free_port()), url],
+             "--work-dir", str(work_dir), "--webui-port", str(free_port()), url],
             log=logs / f"worker-{i}.log", env=env, state=state,
         )
         (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
