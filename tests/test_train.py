@@ -429,6 +429,9 @@ def test_mixed_precision_and_xla_options_train(spark, tiny_dataset, tmp_path):
     assert result.history[0]["loss"] > 0 and "val_pixel_accuracy" in result.final_metrics
     meta = artifact.resolve(str(tmp_path / "run")).metadata
     assert meta["training"]["model"]["mixed_precision"] == "mixed_bfloat16"
+    # The policy reached the layers: the convolutions computed in bfloat16 (their weights stay float32).
+    convs = [layer for layer in artifact.load(str(tmp_path / "run")).model.layers if "conv" in layer.name]
+    assert convs and {(layer.compute_dtype, layer.dtype) for layer in convs} == {("bfloat16", "float32")}
 
 
 @pytest.mark.slow
