@@ -565,3 +565,17 @@ def test_preview_lays_the_written_masks_over_their_photos_beside_the_output(spar
     with pytest.raises(ConfigError, match="infer.preview_images=3 is not allowed; use 0 with a table"):
         _infer(spark, f"infer.model={run_dir}", f"infer.input={table}", "infer.output=some_table",
                "infer.preview_images=3")
+
+
+def test_the_docs_column_table_lists_the_output_contract():
+    """docs/inference.md's table of output columns names exactly the columns the job writes, in order."""
+    import re
+
+    from conftest import ROOT
+
+    from petseg.infer.job import SEGMENTATION_SCHEMA
+
+    text = (ROOT / "docs" / "inference.md").read_text()
+    documented = [name for row in re.findall(r"^\| (`[^|]+`) \|", text, re.M) for name in re.findall(r"`(\w+)`", row)]
+    written = [f.name for f in SEGMENTATION_SCHEMA.fields if f.name != "error"] + ["model_uri", "model_version", "error"]
+    assert documented == written
