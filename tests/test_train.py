@@ -331,13 +331,15 @@ def test_the_train_job_prints_each_epoch_once_no_noise_and_its_failure_last(tiny
 
 
 def test_too_few_row_groups_and_missing_gpu_confs_fail_with_the_fix(spark, tiny_dataset, tmp_path):
+    from petseg.session import GpuSchedulingError
+
     fewest = min(row_groups_per_split(tiny_dataset).values())
     workers = fewest + 1
     with pytest.raises(TrainError, match=rf"has {fewest} row group\(s\) but training uses {workers} workers.*"
                                          rf"min_row_groups_per_split>={workers}"):
         run_train(spark, **sections(train_config(tmp_path, tiny_dataset, f"train.num_slots={workers}",
                                                  f"train.batch_size={8 * workers}")))
-    with pytest.raises(TrainError, match=r"spark.executor.resource.gpu.amount, spark.task.resource.gpu.amount"):
+    with pytest.raises(GpuSchedulingError, match=r"spark.executor.resource.gpu.amount, spark.task.resource.gpu.amount"):
         run_train(spark, **sections(train_config(tmp_path, tiny_dataset, "train.num_slots=1", "train.use_gpu=true")))
     with pytest.raises(TrainError, match="run `petseg ingest` first"):
         run_train(spark, **sections(train_config(tmp_path, str(tmp_path / "nothing"), "train.num_slots=1")))
