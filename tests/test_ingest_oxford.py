@@ -1,15 +1,18 @@
 """The ingest job on an Oxford-layout folder with every known kind of bad input."""
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from conftest import data_config
+from pyspark.sql import functions as F
 
 from petseg.data import decode, render
 from petseg.data.reader import open_split
 from petseg.errors import InputError
 from petseg.ingest.convert import run_ingest
+from petseg.ingest.pairs import example_bytes
 
 
 @pytest.fixture(scope="module")
@@ -147,22 +150,42 @@ def test_files_sharing_a_stem_are_each_rejected_as_duplicate_ids(spark, tmp_path
             assert not {row.id for row in reader} & {"Twin_1", "Masks_1"}
 
 
-def test_trimaps_past_the_broadcast_budget_are_joined_by_key_with_the_same_pairs(spark, oxford_dir, capsys):
+def _tasks(fixed=None, *, max_files=1024, max_mb=64, min_tasks=1):
+    from petseg.ingest.pairs import DecodeTasks, example_bytes
+
+    return DecodeTasks(fixed=fixed, max_files=max_files, max_bytes=max_mb * 1024 * 1024,
+                       example_bytes=example_bytes(32), min_tasks=min_tasks)
+
+
+def test_decode_tasks_grow_with_the_input_so_what_a_task_holds_does_not(spark, tmp_path, capsys):
+    """At a fixed task count (twice the default parallelism: 4 here at any size) a task's rows, and
+    the cached and shuffled decoded examples, grew with the dataset until 2 GB executors ran out of
+    heap at 40,000 photos; tasks are now sized by files and bytes, and the listing reaches them as a
+    file, not inside the tasks (which Spark warned were over 1,000 KiB)."""
+    from petseg.ingest.convert import decode_tasks, run_ingest
     from petseg.ingest.oxford import load_oxford
 
-    def pairs_and_plan(**kwargs):
-        frame = load_oxford(spark, root=str(oxford_dir.root), partitions=2, **kwargs)
-        frame.explain()
+    root = tmp_path / "oxford"
+    render.write_oxford_layout(root, count=40, seed=4, size=(40, 30))
+    input_bytes = sum(f.stat().st_size for f in root.rglob("*.*") if f.suffix in (".jpg", ".png"))
+    with load_oxford(spark, root=str(root), tasks=_tasks(max_files=6)) as pairs:
+        per_task = pairs.groupBy(F.spark_partition_id().alias("task")).count().collect()
+        pairs.explain()
         plan = capsys.readouterr().out
-        rows = {(r.id, r.split, r.path, r.reason, r.detail, r.mask_path) for r in frame.collect()}
-        return rows, plan.count("SortMergeJoin")
+    assert len(per_task) == 7 and max(r["count"] for r in per_task) <= 6  # ceil(40 / 6)
+    assert "ExistingRDD" not in plan and "LocalTableScan" not in plan  # no rows inside the plan's tasks
+    by_bytes = _tasks(max_mb=1).tasks(files=40, input_bytes=input_bytes)
+    assert by_bytes == -(-input_bytes // (1024 * 1024)) and _tasks(2, max_files=6).tasks(files=40) == 2
+    # 100,000 photos at the defaults: 98 tasks of <= 1,024 files, not 4 of 25,000; at 256x256 the
+    # decoded bytes decide (262 KB an example): 391 tasks of <= 64 MB.
+    assert _tasks(min_tasks=4).tasks(files=100_000, input_bytes=100_000 * 30_000) == 98
+    assert replace(_tasks(min_tasks=4), example_bytes=example_bytes(256)).tasks(files=100_000) == 391
 
-    broadcast, broadcast_joins = pairs_and_plan()
-    keyed, keyed_joins = pairs_and_plan(broadcast_bytes=0)
-    assert keyed == broadcast
-    assert {row[0] for row in keyed} >= set(oxford_dir.expected_reasons) | set(oxford_dir.accepted)
-    # Past the budget the images meet their trimaps in a shuffle by id, not a broadcast.
-    assert keyed_joins > broadcast_joins
+    data = data_config(source="oxford", input=str(root), dataset=str(tmp_path / "pets"), image_size=32,
+                       max_files_per_task=6, min_row_groups_per_split=1)
+    assert decode_tasks(spark, data).tasks(files=40) == 7
+    report = run_ingest(spark, data=data)
+    assert report.decode_tasks == 7 and report.read == 40 and "(7 decode tasks)" in report.format()
 
 
 def test_a_file_gone_between_listing_and_decoding_is_a_reject_not_a_failed_job(spark, tmp_path):
@@ -173,12 +196,13 @@ def test_a_file_gone_between_listing_and_decoding_is_a_reject_not_a_failed_job(s
 
     root = tmp_path / "oxford"
     render.write_oxford_layout(root, count=6, seed=3, size=(60, 50))
-    pairs = load_oxford(spark, root=str(root), partitions=2)
-    assert pairs.where("image is not null or mask is not null").count() == 0  # only paths leave the driver
-    gone_image, gone_trimap = sorted((root / "images").iterdir())[0], sorted((root / "annotations" / "trimaps").iterdir())[1]
-    gone_image.unlink()
-    gone_trimap.unlink()
-    rows = {r.id: r for r in prepare_pairs(pairs, image_size=32, image_codec="raw").collect()}
+    with load_oxford(spark, root=str(root), tasks=_tasks(2)) as pairs:
+        assert pairs.where("image is not null or mask is not null").count() == 0  # only paths leave the driver
+        gone_image = sorted((root / "images").iterdir())[0]
+        gone_trimap = sorted((root / "annotations" / "trimaps").iterdir())[1]
+        gone_image.unlink()
+        gone_trimap.unlink()
+        rows = {r.id: r for r in prepare_pairs(pairs, image_size=32, image_codec="raw").collect()}
     assert len(rows) == 6
     failed = {stem: (r.reason, r.detail) for stem, r in rows.items() if r.reason}
     assert set(failed) == {gone_image.stem, gone_trimap.stem}

@@ -162,6 +162,8 @@ def _validate_data(cfg: Config, d: DataConfig) -> DataConfig:
         d.min_row_groups_per_split >= 1, "data.min_row_groups_per_split", d.min_row_groups_per_split, "an integer >= 1"
     )
     _require(d.partitions is None or d.partitions >= 1, "data.partitions", d.partitions, "null or an integer >= 1")
+    _require(d.max_files_per_task >= 1, "data.max_files_per_task", d.max_files_per_task, "an integer >= 1")
+    _require(d.max_mb_per_task >= 1, "data.max_mb_per_task", d.max_mb_per_task, "an integer >= 1")
     _require(
         0.0 < d.synthetic_test_fraction < 1.0,
         "data.synthetic_test_fraction",

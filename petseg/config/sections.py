@@ -64,6 +64,8 @@ class DataConfig:
     rowgroup_size_mb: int = MISSING
     min_row_groups_per_split: int = MISSING
     partitions: Optional[int] = MISSING
+    max_files_per_task: int = MISSING
+    max_mb_per_task: int = MISSING
 
 
 class InputFormat(str, enum.Enum):

@@ -22,8 +22,8 @@ from petseg.data.decode import DEFAULT_MAX_IMAGE_PIXELS, prepare_example
 from petseg.data.schema import REJECTS_SCHEMA, SPLIT, encode_value, ignore_petastorm_pyarrow_deprecations, pet_fields, pet_schema
 from petseg.data.unischema import write_common_metadata
 from petseg.errors import ConfigError, InputError, RejectedInput
-from petseg.ingest.pairs import PAIRS_SCHEMA
-from petseg.io.fs import read_file, storage_for
+from petseg.ingest.pairs import PAIRS_SCHEMA, DecodeTasks, example_bytes
+from petseg.io.fs import Storage, read_file, storage_for
 from petseg.io.publish import atomic_output, check_replaceable
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class IngestReport:
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> rows
     seconds: dict[str, float] = field(default_factory=dict)  # phase -> wall time
     writer: str = ""  # which wrote the metadata: see dataset_writer
+    decode_tasks: int = 0  # tasks that read and decoded the input
 
     @property
     def read(self) -> int:
@@ -62,7 +63,8 @@ class IngestReport:
         lines += [f"  written  {split:<28} {n:>8}" for split, n in sorted(self.written.items())]
         lines += [f"  rejected {reason:<28} {n:>8}" for reason, n in sorted(self.rejected.items())]
         if self.seconds:
-            lines.append("  seconds: " + ", ".join(f"{phase} {t:.1f}" for phase, t in self.seconds.items()))
+            lines.append("  seconds: " + ", ".join(f"{phase} {t:.1f}" for phase, t in self.seconds.items())
+                         + (f" ({self.decode_tasks} decode tasks)" if self.decode_tasks else ""))
         lines.append(f"  dataset: {self.dataset}")
         if self.writer:
             lines.append(f"  writer:  {WRITERS[self.writer]}")
@@ -71,45 +73,63 @@ class IngestReport:
         return "\n".join(lines)
 
 
-def _load_synthetic(spark: SparkSession, *, data: DataConfig, partitions: int) -> DataFrame:
-    """Generated pets (data.source=synthetic), in ``partitions`` tasks."""
+@contextlib.contextmanager
+def _load_synthetic(spark: SparkSession, *, data: DataConfig, tasks: DecodeTasks) -> Iterator[DataFrame]:
+    """Generated pets (data.source=synthetic), rendered by tasks sized by their count."""
     from petseg.ingest.synthetic import load_synthetic
 
-    return load_synthetic(
+    yield load_synthetic(
         spark,
         count=data.synthetic_count,
         seed=data.synthetic_seed,
         test_fraction=data.synthetic_test_fraction,
-        partitions=partitions,
+        partitions=tasks.tasks(files=data.synthetic_count),
     )
 
 
-def _load_oxford(spark: SparkSession, *, data: DataConfig, partitions: int) -> DataFrame:
-    """The Oxford-IIIT Pet release under data.input (data.source=oxford), decoded in ``partitions`` tasks."""
+def _load_oxford(spark: SparkSession, *, data: DataConfig, tasks: DecodeTasks) -> ContextManager[DataFrame]:
+    """The Oxford-IIIT Pet release under data.input (data.source=oxford), decoded by tasks sized by its volume."""
     from petseg.ingest.oxford import load_oxford
 
-    return load_oxford(spark, root=str(data.input), partitions=partitions)
+    return load_oxford(spark, root=str(data.input), tasks=tasks)
 
 
-def _load_tfds(spark: SparkSession, *, data: DataConfig, partitions: int) -> DataFrame:
-    """The TFDS build in the data_dir data.input (data.source=tfds); ``partitions`` is not used."""
-    # One task per slice of the TFDS splits (petseg.ingest.tfds.SLICE_SIZE), whatever data.partitions says.
+@contextlib.contextmanager
+def _load_tfds(spark: SparkSession, *, data: DataConfig, tasks: DecodeTasks) -> Iterator[DataFrame]:
+    """The TFDS build in the data_dir data.input (data.source=tfds); ``tasks`` is not used."""
+    # One task per slice of the TFDS splits (petseg.ingest.tfds.SLICE_SIZE, 256 examples), whatever
+    # data.partitions says: already bounded, whatever the build's size.
     from petseg.ingest.tfds import load_tfds
 
-    return load_tfds(spark, data_dir=str(data.input), name=data.tfds_name, download=data.tfds_download)
+    yield load_tfds(spark, data_dir=str(data.input), name=data.tfds_name, download=data.tfds_download)
 
 
-#: data.source -> the loader that reads it into :data:`petseg.ingest.pairs.PAIRS_SCHEMA` rows. Each
-#: loader imports its module when called, so a job imports only the source it reads.
-LOADERS: dict[Source, Callable[..., DataFrame]] = {
+#: data.source -> the loader that reads it into :data:`petseg.ingest.pairs.PAIRS_SCHEMA` rows, as a
+#: context manager: what a loader hands its tasks (a listing's file) lives as long as the job uses the
+#: rows. Each loader imports its module when called, so a job imports only the source it reads.
+LOADERS: dict[Source, Callable[..., ContextManager[DataFrame]]] = {
     Source.synthetic: _load_synthetic,
     Source.oxford: _load_oxford,
     Source.tfds: _load_tfds,
 }
 
 
-def load_pairs(spark: SparkSession, data: DataConfig) -> DataFrame:
-    """The configured source as a DataFrame of :data:`petseg.ingest.pairs.PAIRS_SCHEMA`.
+def decode_tasks(spark: SparkSession, data: DataConfig) -> DecodeTasks:
+    """How the configured source's decode tasks are sized: ``data.partitions`` if set, else by the
+    input's volume (``data.max_files_per_task``, ``data.max_mb_per_task``), at least twice the
+    cluster's default parallelism."""
+    return DecodeTasks(
+        fixed=data.partitions,
+        max_files=data.max_files_per_task,
+        max_bytes=data.max_mb_per_task * 1024 * 1024,
+        example_bytes=example_bytes(data.image_size),
+        min_tasks=2 * spark.sparkContext.defaultParallelism,
+    )
+
+
+def load_pairs(spark: SparkSession, data: DataConfig) -> ContextManager[DataFrame]:
+    """The configured source as a DataFrame of :data:`petseg.ingest.pairs.PAIRS_SCHEMA`, for as long
+    as the returned context lasts.
 
     Raises
     ------
@@ -122,8 +142,7 @@ def load_pairs(spark: SparkSession, data: DataConfig) -> DataFrame:
         raise ConfigError(
             f"data.source={getattr(data.source, 'value', data.source)!r} has no ingest loader; use one of {choices}"
         )
-    partitions = data.partitions or 2 * spark.sparkContext.defaultParallelism
-    return loader(spark, data=data, partitions=partitions)
+    return loader(spark, data=data, tasks=decode_tasks(spark, data))
 
 
 def prepare_pairs(
@@ -307,8 +326,14 @@ def run_ingest(spark: SparkSession, *, data: DataConfig, writer: str | None = No
         now = time.perf_counter()
         seconds[phase], clock = round(now - clock, 2), now
 
-    pairs = load_pairs(spark, data)
-    lap("list")
+    with load_pairs(spark, data) as pairs:
+        lap("list")
+        return _decode_and_write(spark, pairs, data=data, writer=writer, storage=storage, lap=lap, seconds=seconds)
+
+
+def _decode_and_write(spark: SparkSession, pairs: DataFrame, *, data: DataConfig, writer: str, storage: Storage,
+                      lap: Callable[[str], None], seconds: dict[str, float]) -> IngestReport:
+    """Decode ``pairs`` once, count them, write the rejects and the dataset, publish both."""
     prepared = prepare_pairs(pairs, image_size=data.image_size, image_codec=data.image_codec.value,
                              max_image_pixels=data.max_image_pixels)
     # Three consumers below (counts, rejects, dataset): decode once.
@@ -327,7 +352,7 @@ def run_ingest(spark: SparkSession, *, data: DataConfig, writer: str | None = No
         lap("decode")
         report = IngestReport(
             dataset=data.dataset, rejects=str(data.rejects), written=dict(written), rejected=dict(rejected), seconds=seconds,
-            writer=writer,
+            writer=writer, decode_tasks=pairs.rdd.getNumPartitions(),
         )
         rejects_out = functools.partial(atomic_output, storage, str(data.rejects), kind="rejects", key="data.rejects")
         if not written:

@@ -1,11 +1,11 @@
 """The Oxford-IIIT Pet release as distributed: images/, annotations/trimaps/, annotations/{trainval,test}.txt.
 
-Images and trimaps are paired by file stem with a join, and splits come from the list files, never
-from sort order. Only their paths are paired: the decode task reads both files itself (see
-:mod:`petseg.ingest.pairs` for why). Both folders are listed on the driver; the images' paths are
-spread over the decode tasks, and the trimaps' paths and the lists are broadcast to them. Trimap
-listings over :data:`TRIMAP_BROADCAST_BYTES` are joined by key instead: a shuffle, which no driver
-memory or broadcast limit bounds.
+Images and trimaps are paired by file stem, and splits come from the list files, never from sort
+order. Only their paths are paired: the decode task reads both files itself (see
+:mod:`petseg.ingest.pairs` for why). Both folders are listed and paired on the driver, in one pass
+over dicts (a second at 100,000 photos), and the pairs reach the decode tasks as a file
+(:func:`petseg.io.fs.driver_table`), a row group a task, so no task grows with the listing and no
+shuffle moves it.
 
 Images that are in neither list are dropped and reported in the rejects table as
 ``not_in_split_lists``: the split lists define the benchmark, and guessing a split would leak test
@@ -15,16 +15,20 @@ id with two sets of pixels: every image file of that stem is rejected as ``dupli
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
 
-import pandas as pd
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from petseg.errors import InputError, RejectedInput
-from petseg.ingest.pairs import PAIRS_SCHEMA
-from petseg.io.fs import list_files, read_file, storage_for
+from petseg.ingest.pairs import PAIRS_SCHEMA, DecodeTasks
+from petseg.io.fs import driver_table, list_files_sized, read_file, storage_for
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 #: Image files are matched by extension only to find them; decoding goes by content.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "JPG", "JPEG", "png", "PNG")
@@ -33,29 +37,24 @@ IMAGE_GLOB = "*.{" + ",".join(IMAGE_EXTENSIONS) + "}"
 TRIMAP_GLOB = "*.{" + ",".join(TRIMAP_EXTENSIONS) + "}"
 #: List file -> split name (TFDS and the reference notebook call trainval "train").
 SPLIT_LISTS = {"train": "annotations/trainval.txt", "test": "annotations/test.txt"}
-#: Trimap listings (stems and paths) up to this many bytes are broadcast to the images. A broadcast
-#: is built on the driver (a few times its size in JVM memory), so 64 MiB keeps a 1 GB driver safe;
-#: the release's 7,390 (~0.7 MB) fit, millions of trimaps (~100 bytes each) are joined by key.
-TRIMAP_BROADCAST_BYTES = 64 * 1024 * 1024
 #: The file name without its extension: the example's id. The listing skips hidden files such as
 #: the release's "._Abyssinian_1.png" AppleDouble entries.
 _STEM = re.compile(r"([^/]+)\.[A-Za-z0-9]+$")
+#: The columns of a pair the driver hands over; the decode task adds the files' bytes.
+_HANDED_OVER = ("id", "split", "path", "reason", "detail", "mask_path")
 
 
-def load_oxford(
-    spark: SparkSession, *, root: str, partitions: int, broadcast_bytes: int = TRIMAP_BROADCAST_BYTES
-) -> DataFrame:
-    """Pair the release's images with their trimaps and splits.
+@contextlib.contextmanager
+def load_oxford(spark: SparkSession, *, root: str, tasks: DecodeTasks) -> Iterator[DataFrame]:
+    """Pair the release's images with their trimaps and splits, for as long as the context lasts.
 
     Parameters
     ----------
     root
         URL of the folder that holds ``images/`` and ``annotations/``.
-    partitions
-        Decode in this many tasks: the images' paths are spread over them by a shuffle of paths
-        alone, so each task reads and decodes its own files.
-    broadcast_bytes
-        Broadcast the trimaps' stems and paths when they add up to at most this; otherwise join by key.
+    tasks
+        Sizes the decode tasks by the files' count and bytes (:class:`petseg.ingest.pairs.DecodeTasks`);
+        each task reads and decodes its own files.
 
     Raises
     ------
@@ -63,11 +62,12 @@ def load_oxford(
         When the folders or both split lists are missing, or no image file is found.
     """
     listing = _list_release(spark, root=root.rstrip("/"))
-    pairs = _paired_images(spark, listing, partitions=partitions, broadcast_bytes=broadcast_bytes)
-    unpaired = _unpaired_files(spark, listing)
-    if unpaired is not None:
-        pairs = pairs.unionByName(unpaired, allowMissingColumns=True)
-    return pairs.select([f.name for f in PAIRS_SCHEMA.fields])
+    rows = _paired_rows(listing)
+    count = tasks.tasks(files=len(rows["path"]), input_bytes=listing.input_bytes)
+    with driver_table(spark, _arrow_table(rows), partitions=count) as handed_over:
+        no_bytes = F.lit(None).cast("binary")
+        yield handed_over.select(*[no_bytes.alias(f.name) if f.name in ("image", "mask") else f.name
+                                   for f in PAIRS_SCHEMA.fields])
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,8 @@ class _Listing:
         The two folders listed.
     image_files, trimap_files
         stem -> paths (more than one path for a duplicated stem).
-    trimap_listing_bytes
-        Bytes of the trimaps' stems and paths: what a broadcast of them would hold.
+    input_bytes
+        Bytes of every image and trimap file listed.
     listed
         stem -> (split, list path, number of lists naming it), from :func:`_read_lists`.
     """
@@ -90,7 +90,7 @@ class _Listing:
     trimaps_url: str
     image_files: dict[str, list[str]]
     trimap_files: dict[str, list[str]]
-    trimap_listing_bytes: int
+    input_bytes: int
     listed: dict[str, tuple[str, str, int]]
 
 
@@ -119,113 +119,73 @@ def _list_release(spark: SparkSession, *, root: str) -> _Listing:
     # Listed on the driver in one native call per folder (pyarrow), which, unlike Spark's file
     # listing (SPARK-26161), keeps zero-length files: they are read and rejected as empty, not lost.
     # The names are needed here anyway, to pair stems and report files without a partner.
-    image_files, _ = _paths_by_stem(list_files(f"{images_url}/{IMAGE_GLOB}"))
-    trimap_files, trimap_listing_bytes = _paths_by_stem(list_files(f"{trimaps_url}/{TRIMAP_GLOB}"))
+    image_files, image_bytes = _paths_by_stem(list_files_sized(f"{images_url}/{IMAGE_GLOB}"))
+    trimap_files, trimap_bytes = _paths_by_stem(list_files_sized(f"{trimaps_url}/{TRIMAP_GLOB}"))
     listed = _read_lists(list_urls)
     if not image_files:
         raise InputError(f"{images_url} holds no image files ({IMAGE_GLOB}); is data.input the right folder?")
     return _Listing(images_url=images_url, trimaps_url=trimaps_url, image_files=image_files,
-                    trimap_files=trimap_files, trimap_listing_bytes=trimap_listing_bytes, listed=listed)
+                    trimap_files=trimap_files, input_bytes=image_bytes + trimap_bytes, listed=listed)
 
 
-def _paired_images(spark: SparkSession, listing: _Listing, *, partitions: int, broadcast_bytes: int) -> DataFrame:
-    """One row per image file, spread over ``partitions`` decode tasks: its trimap's path, its split,
-    and the reason it is rejected, if any (see :func:`_rejection`); no file is read yet."""
-    # Spread over the decode tasks by a shuffle of paths only: no file is read before the decode task.
-    ids, paths = _flatten(listing.image_files)
-    image_rows = _local(spark, {"id": ids, "path": paths}, "id string, path string").repartition(partitions)
-    ids, paths = _flatten(listing.trimap_files)
-    mask_rows = _local(spark, {"id": ids, "mask_path": paths}, "id string, mask_path string")
+def _paired_rows(listing: _Listing) -> dict[str, list]:
+    """The pairs as columns (:data:`_HANDED_OVER`): one row per image file, with its trimap's path, its
+    split and the reason it is rejected, if any; then a rejected row per trimap without an image
+    (``image_missing``) and per listed stem with no file at all (``listed_files_missing``), so that
+    nothing is lost unreported. No file is read here.
+
+    An image row's reason is the first of ``duplicate_id``, ``mask_missing``, ``in_both_split_lists``,
+    ``not_in_split_lists`` that applies.
+    """
+    rows: dict[str, list] = {name: [] for name in _HANDED_OVER}
+
+    def add(*values: str | None) -> None:
+        for name, value in zip(_HANDED_OVER, values):
+            rows[name].append(value)
+
     duplicates = _duplicate_ids(listing.image_files, listing.trimap_files)
-    # One trimap row per stem, so the join below gives each image file exactly one row.
-    if duplicates:
-        mask_rows = mask_rows.where(~F.col("id").isin(list(duplicates)))
-    duplicate_rows = _local(spark, {"id": list(duplicates), "duplicate": list(duplicates.values())},
-                            "id string, duplicate string")
-    listed = listing.listed
-    split_rows = _local(
-        spark,
-        {
-            "id": list(listed),
-            "split": [split if n == 1 else None for split, _, n in listed.values()],
-            "n_lists": [n for _, _, n in listed.values()],
-        },
-        "id string, split string, n_lists int",
-    )
-
-    # The large side (images) stays in its decode partitions; trimaps (when small) and lists are broadcast to it.
-    if listing.trimap_listing_bytes <= broadcast_bytes:
-        paired = image_rows.join(F.broadcast(mask_rows), "id", "left")
-    else:
-        paired = image_rows.join(mask_rows, "id", "left")
-    paired = (
-        paired.join(F.broadcast(split_rows), "id", "left")
-        .join(F.broadcast(duplicate_rows), "id", "left")
-    )
-    reason, detail = _rejection(trimaps_url=listing.trimaps_url)
-    no_bytes = F.lit(None).cast("binary")
-    return paired.select("id", "split", "path", no_bytes.alias("image"), no_bytes.alias("mask"), reason.alias("reason"),
-                         detail.alias("detail"), "mask_path")
+    for stem in sorted(listing.image_files):
+        trimaps = listing.trimap_files.get(stem, [])
+        split, _, lists = listing.listed.get(stem, (None, None, 0))
+        mask_path = trimaps[0] if len(trimaps) == 1 else None
+        if stem in duplicates:
+            reason, detail = "duplicate_id", duplicates[stem]
+        elif not trimaps:
+            reason, detail = "mask_missing", f"no trimap {stem}.png in {listing.trimaps_url}"
+        elif lists > 1:
+            reason, detail = "in_both_split_lists", "listed in both trainval.txt and test.txt; keep it in one"
+        elif split is None:
+            reason, detail = "not_in_split_lists", "listed in neither trainval.txt nor test.txt"
+        else:
+            reason = detail = None
+        for path in listing.image_files[stem]:
+            add(stem, split if lists == 1 else None, path, reason, detail, mask_path)
+    for stem in sorted(set(listing.trimap_files) - set(listing.image_files)):
+        add(stem, None, f"{listing.trimaps_url}/{stem}.png", "image_missing",
+            f"trimap has no image {stem}.* in {listing.images_url}", None)
+    for stem in sorted(set(listing.listed) - set(listing.image_files) - set(listing.trimap_files)):
+        split, list_path, _ = listing.listed[stem]
+        add(stem, split, list_path, "listed_files_missing", "listed, but neither image nor trimap exists", None)
+    return rows
 
 
-def _rejection(*, trimaps_url: str) -> tuple[Column, Column]:
-    """(reason, detail) of a paired image row: null for a row to decode, else the first of these that
-    applies: ``duplicate_id``, ``mask_missing``, ``in_both_split_lists``, ``not_in_split_lists``."""
-    reason = (
-        F.when(F.col("duplicate").isNotNull(), F.lit("duplicate_id"))
-        .when(F.col("mask_path").isNull(), F.lit("mask_missing"))
-        .when(F.col("n_lists") > 1, F.lit("in_both_split_lists"))
-        .when(F.col("split").isNull(), F.lit("not_in_split_lists"))
-    )
-    detail = (
-        F.when(F.col("duplicate").isNotNull(), F.col("duplicate"))
-        .when(F.col("mask_path").isNull(), F.concat(F.lit("no trimap "), F.col("id"), F.lit(f".png in {trimaps_url}")))
-        .when(F.col("n_lists") > 1, F.lit("listed in both trainval.txt and test.txt; keep it in one"))
-        .when(F.col("split").isNull(), F.lit("listed in neither trainval.txt nor test.txt"))
-    )
-    return reason, detail
+def _arrow_table(rows: dict[str, list]) -> "pa.Table":
+    """``rows`` as an Arrow table of strings (typed even where a column is all null)."""
+    import pyarrow as pa
+
+    return pa.table({name: pa.array(rows[name], pa.string()) for name in _HANDED_OVER})
 
 
-def _unpaired_files(spark: SparkSession, listing: _Listing) -> DataFrame | None:
-    """Rejected rows for trimaps without an image (``image_missing``) and listed stems with no file at
-    all (``listed_files_missing``), so that nothing is lost unreported; None when there are none."""
-    image_ids, trimap_ids, listed = set(listing.image_files), set(listing.trimap_files), listing.listed
-    unpaired = [
-        (stem, None, f"{listing.trimaps_url}/{stem}.png", "image_missing",
-         f"trimap has no image {stem}.* in {listing.images_url}")
-        for stem in sorted(trimap_ids - image_ids)
-    ] + [
-        (stem, listed[stem][0], listed[stem][1], "listed_files_missing", "listed, but neither image nor trimap exists")
-        for stem in sorted(set(listed) - image_ids - trimap_ids)
-    ]
-    if not unpaired:
-        return None
-    columns = ["id", "split", "path", "reason", "detail"]
-    return _local(spark, {c: [row[i] for row in unpaired] for i, c in enumerate(columns)},
-                  ", ".join(f"{c} string" for c in columns))
-
-
-def _local(spark: SparkSession, columns: dict[str, list], schema: str) -> DataFrame:
-    """A small driver-side table; built from pandas through Arrow, so no Python task has to serve it."""
-    return spark.createDataFrame(pd.DataFrame(columns), schema)
-
-
-def _paths_by_stem(paths: list[str]) -> tuple[dict[str, list[str]], int]:
-    """(stem -> paths, bytes of the stems and paths) of listed files."""
+def _paths_by_stem(files: list[tuple[str, int]]) -> tuple[dict[str, list[str]], int]:
+    """(stem -> paths, bytes of the files) of listed (path, bytes)."""
     found: dict[str, list[str]] = {}
     total = 0
-    for path in paths:
+    for path, size in files:
         match = _STEM.search(path)
         if match:
             found.setdefault(match.group(1), []).append(path)
-            total += len(match.group(1)) + len(path)
+            total += size
     return found, total
-
-
-def _flatten(files: dict[str, list[str]]) -> tuple[list[str], list[str]]:
-    """(ids, paths): one entry per file."""
-    pairs = [(stem, path) for stem, paths in files.items() for path in paths]
-    return [stem for stem, _ in pairs], [path for _, path in pairs]
 
 
 def _duplicate_ids(images: dict[str, list[str]], trimaps: dict[str, list[str]]) -> dict[str, str]:

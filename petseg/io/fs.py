@@ -11,9 +11,14 @@ storage the server writes (a Databricks job on serverless compute sees /Volumes 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import re
+import shutil
+import tempfile
+import uuid
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
@@ -23,7 +28,9 @@ from petseg.errors import RejectedInput
 from petseg.io import urls
 
 if TYPE_CHECKING:  # read_file runs where Spark is not installed: in the MLflow model's own environment
+    import pyarrow as pa
     from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.types import StructType
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +259,11 @@ def list_files(url: str) -> list[str]:
     lists a whole tree in one native call (7 us a file here), where walking Hadoop's iterator
     through py4j costs ~4 ms a file. :func:`list_files_frame` lists wide trees on the executors.
     """
+    return [path for path, _ in list_files_sized(url)]
+
+
+def list_files_sized(url: str) -> list[tuple[str, int]]:
+    """:func:`list_files` with each file's length in bytes, from the same listing call."""
     target = _ListTarget.of(url)
     return target.files(target.kind())
 
@@ -268,12 +280,12 @@ def list_files_frame(spark: SparkSession, url: str, *, parallel_folders: int = P
     kind = target.kind()
     folders = target.folders() if kind == "folder" else []
     if len(folders) < parallel_folders:
-        return _paths_frame(spark, target.files(kind))
+        return _paths_frame(spark, [path for path, _ in target.files(kind)])
 
     def list_folders(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for batch in batches:
             for folder in batch["folder"]:
-                yield pd.DataFrame({"path": target.walk(folder)}, dtype=object)
+                yield pd.DataFrame({"path": [path for path, _ in target.walk(folder)]}, dtype=object)
 
     from petseg.session import default_parallelism
 
@@ -283,12 +295,61 @@ def list_files_frame(spark: SparkSession, url: str, *, parallel_folders: int = P
         .repartition(tasks)
         .mapInPandas(list_folders, "path string")
     )
-    return listed.unionByName(_paths_frame(spark, target.walk(recursive=False)))
+    return listed.unionByName(_paths_frame(spark, [path for path, _ in target.walk(recursive=False)]))
 
 
 def _paths_frame(spark: SparkSession, paths: list[str]) -> DataFrame:
     # Through pandas and Arrow: one driver-side conversion, no Python task to serve the rows.
     return spark.createDataFrame(pd.DataFrame({"path": paths}, dtype=object), "path string")
+
+
+@contextlib.contextmanager
+def driver_table(spark: SparkSession, table: "pa.Table", *, partitions: int) -> Iterator[DataFrame]:
+    """A table built on the driver (a listing, its pairing) as a DataFrame of ``partitions`` tasks,
+    whose rows reach the executors in a file rather than inside the tasks; the file is removed on exit.
+
+    ``spark.createDataFrame`` of local rows puts them in the tasks themselves (a ParallelCollection):
+    each task, and the driver's memory while it schedules them, then grows with the listing, past
+    Spark's recommended 1,000 KiB a task at ~40,000 paths. Here the table is written as one Parquet
+    file with a row group per task, given to every node with ``SparkContext.addFile`` (fetched once
+    per executor from the driver's file server), and each task reads only its own row group.
+    """
+    import pyarrow.parquet as pq
+    from pyspark import SparkFiles
+
+    folder = tempfile.mkdtemp(prefix="petseg-handover-")
+    name = f"petseg-rows-{uuid.uuid4().hex}.parquet"  # addFile refuses a second file of the same name
+    local = os.path.join(folder, name)
+    partitions = max(1, min(partitions, table.num_rows))
+    pq.write_table(table, local, row_group_size=max(1, math.ceil(table.num_rows / partitions)))
+    groups = pq.ParquetFile(local).num_row_groups
+    schema = _spark_schema(table.schema)
+
+    def read_groups(batches: Iterator["pa.RecordBatch"]) -> Iterator["pa.RecordBatch"]:
+        import pyarrow.parquet as pq
+
+        rows = pq.ParquetFile(SparkFiles.get(name))
+        for batch in batches:
+            for group in batch.column(0).to_pylist():
+                yield from rows.read_row_group(group).to_batches()
+
+    try:
+        spark.sparkContext.addFile(local)
+        yield spark.range(groups, numPartitions=max(1, groups)).mapInArrow(read_groups, schema)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _spark_schema(schema: "pa.Schema") -> "StructType":
+    """Spark's type for each string, integer and binary column of an Arrow schema."""
+    import pyarrow as pa
+    from pyspark.sql.types import BinaryType, IntegerType, LongType, StringType, StructField, StructType
+
+    types = {pa.string(): StringType(), pa.int32(): IntegerType(), pa.int64(): LongType(), pa.binary(): BinaryType()}
+    unknown = [f"{f.name}: {f.type}" for f in schema if f.type not in types]
+    if unknown:
+        raise TypeError(f"columns {unknown} have no Spark type here; use string, int32, int64 or binary columns")
+    return StructType([StructField(f.name, types[f.type], f.nullable) for f in schema])
 
 
 def _hidden(part: str) -> bool:
@@ -326,10 +387,13 @@ class _ListTarget(NamedTuple):
         kind = fs.get_file_info(base).type
         return "file" if kind == pafs.FileType.File else "folder" if kind == pafs.FileType.Directory else "missing"
 
-    def files(self, kind: str) -> list[str]:
-        """URLs of every matching file, listed here, given what the base is (:meth:`kind`)."""
+    def files(self, kind: str) -> list[tuple[str, int]]:
+        """(URL, bytes) of every matching file, listed here, given what the base is (:meth:`kind`)."""
         if kind == "file":
-            return [] if self.globbed else [self.url(self.base_path)]
+            if self.globbed:
+                return []
+            fs, base = urls.arrow_filesystem(self.url(self.base_path))
+            return [(self.url(self.base_path), fs.get_file_info(base).size)]
         return self.walk() if kind == "folder" else []
 
     def matches(self, relative: list[str]) -> bool:
@@ -346,8 +410,8 @@ class _ListTarget(NamedTuple):
         names = [e.base_name for e in fs.get_file_info(pafs.FileSelector(base)) if e.type == pafs.FileType.Directory]
         return sorted(n for n in names if not _hidden(n) and any(not p or fnmatchcase(n, p[0]) for p in self.patterns))
 
-    def walk(self, folder: str = "", *, recursive: bool = True) -> list[str]:
-        """URLs of the matching files under the base, or under its subfolder ``folder``."""
+    def walk(self, folder: str = "", *, recursive: bool = True) -> list[tuple[str, int]]:
+        """(URL, bytes) of the matching files under the base, or under its subfolder ``folder``."""
         from pyarrow import fs as pafs
 
         fs, base = urls.arrow_filesystem(self.url(self.base_path))
@@ -359,7 +423,7 @@ class _ListTarget(NamedTuple):
                 continue
             relative = entry.path[len(base) + 1:].split("/")
             if self.matches(relative):
-                found.append(self.url(f"{self.base_path.rstrip('/')}/{'/'.join(relative)}"))
+                found.append((self.url(f"{self.base_path.rstrip('/')}/{'/'.join(relative)}"), entry.size))
         return found
 
 
