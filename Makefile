@@ -52,7 +52,13 @@ test: java $(STAMP) $(SPARK4_STAMP)
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: check tests/ and PYTEST_ARGS"; fi; exit $$rc
 
-bench: java $(STAMP)
+# The benchmarks' peers (Ray Data, the `bench` extra), installed only here: `make test` never pulls them.
+BENCH_STAMP := $(VENV)/.petseg-bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[train,bench]'
+	@touch $@
+
+bench: java $(BENCH_STAMP)
 	$(PY) bench/ingest.py
 	$(PY) bench/train.py
 	$(PY) bench/infer.py
