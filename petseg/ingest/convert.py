@@ -25,6 +25,7 @@ from petseg.errors import ConfigError, InputError, RejectedInput
 from petseg.ingest.pairs import PAIRS_SCHEMA, DecodeTasks, example_bytes
 from petseg.io.fs import Storage, read_file, storage_for
 from petseg.io.publish import atomic_output, check_replaceable
+from petseg.session import session_confs
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,14 @@ PREPARED_SCHEMA = StructType(
         StructField("width", IntegerType(), True),
     ]
 )
+
+
+#: Rows per cached batch of the decoded examples (Spark's default: 10,000).
+CACHE_BATCH_ROWS_CONF = "spark.sql.inMemoryColumnarStorage.batchSize"
+#: Rows per Arrow batch to and from the decode task's Python (Spark's default: 10,000).
+ARROW_BATCH_ROWS_CONF = "spark.sql.execution.arrow.maxRecordsPerBatch"
+#: Bytes of decoded examples per cached and Arrow batch: 128 raw 128x128 examples.
+DECODE_BATCH_BYTES = 8 * 1024 * 1024
 
 
 class IngestError(InputError):
@@ -331,13 +340,37 @@ def run_ingest(spark: SparkSession, *, data: DataConfig, writer: str | None = No
         return _decode_and_write(spark, pairs, data=data, writer=writer, storage=storage, lap=lap, seconds=seconds)
 
 
+def decode_batch_confs(image_size: int) -> dict[str, str]:
+    """Session confs for ingest's decode and cache: batches of :data:`DECODE_BATCH_BYTES` of examples.
+
+    Spark builds each cached batch (``spark.sql.inMemoryColumnarStorage.batchSize`` rows, 10,000 by
+    default) in growing heap buffers that its memory manager does not see, and hands Python's output
+    back in Arrow batches of ``spark.sql.execution.arrow.maxRecordsPerBatch`` rows (10,000 too): at
+    128x128 a whole 1,024-row task, 64 MB a column, built, doubled and copied at once. Small
+    batches keep that transient memory a few MB a column.
+    """
+    rows = str(max(1, DECODE_BATCH_BYTES // example_bytes(image_size)))
+    return {CACHE_BATCH_ROWS_CONF: rows, ARROW_BATCH_ROWS_CONF: rows}
+
+
 def _decode_and_write(spark: SparkSession, pairs: DataFrame, *, data: DataConfig, writer: str, storage: Storage,
                       lap: Callable[[str], None], seconds: dict[str, float]) -> IngestReport:
     """Decode ``pairs`` once, count them, write the rejects and the dataset, publish both."""
+    # Read when the cache is first built (the counts below) and by every pass through Python: held throughout.
+    with session_confs(spark, decode_batch_confs(data.image_size)):
+        return _decode_and_write_batched(spark, pairs, data=data, writer=writer, storage=storage, lap=lap,
+                                         seconds=seconds)
+
+
+def _decode_and_write_batched(spark: SparkSession, pairs: DataFrame, *, data: DataConfig, writer: str,
+                              storage: Storage, lap: Callable[[str], None], seconds: dict[str, float]) -> IngestReport:
     prepared = prepare_pairs(pairs, image_size=data.image_size, image_codec=data.image_codec.value,
                              max_image_pixels=data.max_image_pixels)
-    # Three consumers below (counts, rejects, dataset): decode once.
-    prepared = prepared.persist(StorageLevel.MEMORY_AND_DISK)
+    # Three consumers below (counts, rejects, dataset): decode once, onto the executors' local disks.
+    # In memory (MEMORY_AND_DISK, 64 MB a task) 2 GB executors ran out of heap with ~1.3 GB of
+    # decoded examples cached each, at 100,000 photos, small batches or not; on disk a task holds one
+    # batch at a time, and the disk cache is read back from the page cache.
+    prepared = prepared.persist(StorageLevel.DISK_ONLY)
     try:
         counts = prepared.groupBy(F.col("reason").isNull().alias("ok"), "split", "reason").count().collect()
         written: Counter[str] = Counter()
