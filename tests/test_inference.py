@@ -380,6 +380,22 @@ def test_wide_trees_are_listed_on_the_executors_with_the_same_rules(spark, tmp_p
     assert "MapInPandas" not in capsys.readouterr().out  # 4 subfolders: listed on the driver
 
 
+def test_listed_paths_reach_spark_through_arrow_not_a_python_worker(spark, tmp_path):
+    from petseg.io.fs import list_files_frame
+
+    arrow = "spark.sql.execution.arrow.pyspark.enabled"
+    for name in ["a.jpg", "sub/b.jpg", "sub/deeper/c.jpg"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    before = spark.conf.get(arrow, None)
+    for parallel_folders in (1, 32):  # the subfolders listed by tasks, then all on the driver
+        frame = list_files_frame(spark, f"file://{tmp_path}", parallel_folders=parallel_folders)
+        assert frame.count() == 3
+        # Pickled rows would need a Python worker (a PythonRDD) in every job over the listing.
+        assert "PythonRDD" not in frame._jdf.queryExecution().toRdd().toDebugString()
+    assert spark.conf.get(arrow, None) == before
+
+
 def _cli(spark, *args: str) -> int:
     """``petseg <args>`` through :func:`petseg.cli.main` on the test session (spark.master is null, so
     the active session is used and left running); the confs it applies are put back."""

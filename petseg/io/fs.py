@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 #: Subfolders from which a listing runs on the executors, a task per few folders (Spark lists a
 #: table's partition folders in parallel from 32, spark.sql.sources.parallelPartitionDiscovery.threshold).
 PARALLEL_LISTING_FOLDERS = 32
+#: Arrow for ``createDataFrame`` of a pandas frame (off by default on Spark 3.5).
+ARROW_PYSPARK_CONF = "spark.sql.execution.arrow.pyspark.enabled"
 
 
 class Storage:
@@ -280,7 +282,7 @@ def list_files_frame(spark: SparkSession, url: str, *, parallel_folders: int = P
     kind = target.kind()
     folders = target.folders() if kind == "folder" else []
     if len(folders) < parallel_folders:
-        return _paths_frame(spark, [path for path, _ in target.files(kind)])
+        return _strings_frame(spark, "path", [path for path, _ in target.files(kind)])
 
     def list_folders(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for batch in batches:
@@ -291,16 +293,27 @@ def list_files_frame(spark: SparkSession, url: str, *, parallel_folders: int = P
 
     tasks = min(len(folders), 4 * (default_parallelism(spark) or 2))
     listed = (
-        spark.createDataFrame(pd.DataFrame({"folder": folders}), "folder string")
+        _strings_frame(spark, "folder", folders)
         .repartition(tasks)
         .mapInPandas(list_folders, "path string")
     )
-    return listed.unionByName(_paths_frame(spark, [path for path, _ in target.walk(recursive=False)]))
+    return listed.unionByName(_strings_frame(spark, "path", [path for path, _ in target.walk(recursive=False)]))
 
 
-def _paths_frame(spark: SparkSession, paths: list[str]) -> DataFrame:
-    # Through pandas and Arrow: one driver-side conversion, no Python task to serve the rows.
-    return spark.createDataFrame(pd.DataFrame({"path": paths}, dtype=object), "path string")
+def _strings_frame(spark: SparkSession, column: str, values: list[str]) -> DataFrame:
+    """``values`` as a one-column DataFrame, converted on the driver through Arrow.
+
+    Without Arrow (Spark 3.5's default), ``createDataFrame`` pickles the rows and a Python worker
+    unpickles them again in every Spark job over the frame (a listing's count, then the shuffle into
+    the tasks that read the files): 0.4-0.9 CPU-s of a second Python daemon on 4,000 paths, and the
+    pickled rows in the driver's JVM. Through Arrow the rows become a local relation. Spark Connect
+    always converts through Arrow, and a server may refuse the conf.
+    """
+    from petseg.session import is_connect, session_confs
+
+    confs = {} if is_connect(spark) else {ARROW_PYSPARK_CONF: "true"}
+    with session_confs(spark, confs):
+        return spark.createDataFrame(pd.DataFrame({column: values}, dtype=object), f"{column} string")
 
 
 @contextlib.contextmanager
