@@ -74,6 +74,32 @@ def test_the_udf_pipeline_keeps_order_and_errors_and_decodes_ahead_of_the_model(
         assert seg.fractions == tuple(np.bincount(want.mask.ravel(), minlength=3) / want.mask.size)
 
 
+def test_a_task_rereads_a_zip_on_the_path_only_when_the_zip_changed(tmp_path, monkeypatch):
+    """pyspark's worker calls importlib.invalidate_caches() at every task; Python < 3.13 then re-reads
+    every zip on sys.path (pyspark.zip, py4j's zip) unless the task environment stopped it."""
+    import importlib
+    import sys
+    import zipfile
+
+    archive = tmp_path / "lib.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("zipped_first.py", "VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(archive))
+    monkeypatch.delitem(sys.modules, "zipped_first", raising=False)
+    monkeypatch.delitem(sys.modules, "zipped_second", raising=False)
+    assert importlib.import_module("zipped_first").VALUE == 1
+    importer = sys.path_importer_cache[str(archive)]
+    env.prepare_task_environment()
+    if sys.version_info < (3, 13):
+        files = importer._files
+        importlib.invalidate_caches()  # the next task's
+        assert importer._files is files  # the unchanged archive was not read again
+    with zipfile.ZipFile(archive, "a") as zipped:
+        zipped.writestr("zipped_second.py", "VALUE = 2\n")
+    importlib.invalidate_caches()
+    assert importlib.import_module("zipped_second").VALUE == 2  # the changed one was
+
+
 def test_model_resolution_and_missing_models(run_dir, tmp_path):
     assert artifact.resolve(str(run_dir / "model")).image_size == 32  # the model folder works too
     assert artifact.load(str(run_dir)) is artifact.load(str(run_dir))  # loaded once per process
