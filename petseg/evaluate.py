@@ -114,7 +114,7 @@ def _confusion_per_partition(
         from petseg.data.decode import decode_for_model, decode_label_mask, resize_mask
 
         prepare_task_environment()  # before the load imports TensorFlow
-        loaded = artifact.load(model, threads=threads, version=version)
+        loaded = artifact.load(model, threads=threads, version=version, freeze=True)
         total, images, failed = np.zeros((n_classes, n_classes), np.int64), 0, Counter()
         for batch in batches:
             pixels, masks = [], []

@@ -74,6 +74,26 @@ def test_the_udf_pipeline_keeps_order_and_errors_and_decodes_ahead_of_the_model(
         assert seg.fractions == tuple(np.bincount(want.mask.ravel(), minlength=3) / want.mask.size)
 
 
+def test_a_task_model_is_left_out_of_collections_until_a_new_version_replaces_it(run_dir, tmp_path):
+    import gc
+    import shutil
+    import weakref
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    try:
+        first = artifact.load(str(run), freeze=True)
+        assert gc.get_freeze_count() > 0  # what the load left is out of every later collection
+        old = weakref.ref(first.model)
+        del first
+        artifact.write_metadata(run, image_size=32, preprocessing="unit_scale", run_id="retrained")
+        second = artifact.load(str(run), freeze=True)
+        assert second.artifact.version == "retrained"
+        assert old() is None  # the version dropped from the cache was collected, frozen as it was
+    finally:
+        gc.unfreeze()
+
+
 def test_a_task_rereads_a_zip_on_the_path_only_when_the_zip_changed(tmp_path, monkeypatch):
     """pyspark's worker calls importlib.invalidate_caches() at every task; Python < 3.13 then re-reads
     every zip on sys.path (pyspark.zip, py4j's zip) unless the task environment stopped it."""

@@ -83,7 +83,7 @@ def segment_udf(
         from petseg.model.segment import image_rows, results_frame, segment_stream
 
         prepare_task_environment()  # before the load imports TensorFlow
-        loaded = artifact.load(model, threads=threads, version=model_version)
+        loaded = artifact.load(model, threads=threads, version=model_version, freeze=True)
         rows = (image_rows(*(column.tolist() for column in batch)) for batch in batches)
         for results in segment_stream(loaded, rows, batch_size=batch_size, read_files=read_files,
                                       model_resolution=model_resolution, max_pixels=max_image_pixels,

@@ -13,6 +13,7 @@ TensorFlow is imported only by :func:`load`: resolving a model on the driver sta
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import platform
@@ -234,7 +235,9 @@ _CACHE: dict[tuple[str, str], LoadedModel] = {}
 _LOCK = threading.Lock()
 
 
-def load(source: "str | MlflowModel", *, threads: int | None = None, version: str | None = None) -> LoadedModel:
+def load(
+    source: "str | MlflowModel", *, threads: int | None = None, version: str | None = None, freeze: bool = False
+) -> LoadedModel:
     """Load a run's model once per process and version (Spark reuses Python workers: once per worker).
 
     Parameters
@@ -252,6 +255,9 @@ def load(source: "str | MlflowModel", *, threads: int | None = None, version: st
     InputError
         When the folder now holds another version than ``version``: the run was replaced while a job
         used it, and its rows would carry the wrong label.
+    freeze
+        After loading, leave this process's objects out of later garbage collections
+        (:func:`_freeze_objects`): for Spark's Python workers, which keep the model as long as they live.
     """
     artifact = resolve(source)  # a small JSON read: cheap beside a task, and it sees a retrained run
     uri = artifact.uri
@@ -276,7 +282,24 @@ def load(source: "str | MlflowModel", *, threads: int | None = None, version: st
             for stale in [k for k in _CACHE if k[0] == uri]:
                 del _CACHE[stale]  # an older version of this run: nothing will ask for it again
             _CACHE[key] = LoadedModel(artifact, model, _logits_function(model, artifact.image_size))
+            if freeze:
+                _freeze_objects()
         return _CACHE[key]
+
+
+def _freeze_objects() -> None:
+    """Collect garbage, then move every object to Python's permanent generation (``gc.freeze``).
+
+    A Python worker that imported TensorFlow and loaded a model tracks millions of objects, which
+    every full collection walks: ~0.2 CPU-s each, two per worker in a 4,000-photo run on 2 cores
+    (0.8 of the workers' ~11 CPU-s, measured with ``gc.callbacks``). Frozen, they are left out of
+    later collections, which walk only what the batches allocate (2 ms each). What an earlier call
+    froze is unfrozen first, so that this collection frees the version of a model just dropped from
+    the cache, which reference cycles would otherwise keep for the worker's life.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def _logits_function(model: Any, image_size: int) -> Any:
