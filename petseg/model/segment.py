@@ -16,6 +16,8 @@ signature are derived from it.
 
 from __future__ import annotations
 
+import struct
+import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -175,13 +177,26 @@ def results_frame(results: Sequence[EncodedSegmentation]) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
-def encode_mask(mask: np.ndarray, *, what: str = "mask") -> bytes:
-    """``mask`` as an 8-bit PNG.
+#: libpng's default limit on a PNG's width and height (``png_set_user_limits``): OpenCV will not write
+#: past it, and most readers refuse such a file, so a larger mask is left to OpenCV to refuse.
+PNG_SIDE_LIMIT = 1_000_000
+#: The 8-bit greyscale PNG header after the size: bit depth 8, colour type 0 (grey), deflate,
+#: filter method 0, no interlace.
+_PNG_GREY8 = bytes([8, 0, 0, 0, 0])
+#: Bytes of filtered rows compressed at a time: the filtered copy stays ~1 MB whatever the mask's size.
+_PNG_BLOCK_BYTES = 1 << 20
 
-    OpenCV's defaults are kept on purpose: without an explicit level it writes with zlib's fastest
-    level, the SUB filter and the RLE strategy, which suit label masks (long runs of 3 values).
-    Measured on a 500x375 mask: 0.32 ms and 2.3 KB, against 1.0 ms (0.9 KB) for any explicit level,
-    whose adaptive filtering costs more than the bytes it saves; Pillow at level 1 took 0.48 ms.
+
+def encode_mask(mask: np.ndarray, *, what: str = "mask") -> bytes:
+    """``mask`` (uint8 labels) as an 8-bit greyscale PNG.
+
+    Written here, not by ``cv2.imencode``: every row Up-filtered (each byte minus the one above it,
+    by numpy) and deflated by zlib at level 1 with the RLE strategy, which suits label masks (long
+    runs of a few values). Measured on 500x375 masks (the nearly free model's, synthetic trimaps,
+    trimaps through 128x128), interleaved 15-40 times: 0.44-0.48 ms and 1.0-2.0 KB a mask (1.3 KB for
+    trimaps), against 0.57-0.63 ms and 2.7-2.8 KB for OpenCV's defaults (level 1, Sub filter, RLE),
+    -0.14 to -0.15 ms on a quiet and on a loaded machine; OpenCV's other strategies saved nothing, an
+    explicit level cost twice as much, Pillow at level 1 more still. Both decode to the same pixels.
 
     Raises
     ------
@@ -189,7 +204,9 @@ def encode_mask(mask: np.ndarray, *, what: str = "mask") -> bytes:
         ``mask_unencodable``, for a mask libpng cannot write (a side over its 1,000,000-pixel limit),
         so that its row reports it rather than passing with no mask.
     """
-    try:
+    if mask.dtype == np.uint8 and mask.ndim == 2 and 0 < min(mask.shape) and max(mask.shape) <= PNG_SIDE_LIMIT:
+        return _grey8_png(mask)
+    try:  # what the writer above does not take: OpenCV's own error for it
         ok, buf = cv2.imencode(".png", mask)
     except cv2.error as exc:  # OpenCV asserts on libpng's failure rather than returning ok=False
         ok, buf = False, str(exc).strip().splitlines()[-1]
@@ -198,6 +215,35 @@ def encode_mask(mask: np.ndarray, *, what: str = "mask") -> bytes:
             "mask_unencodable", f"the {mask.shape[1]}x{mask.shape[0]} {what} could not be encoded as PNG ({buf})"
         )
     return buf.tobytes()
+
+
+def _grey8_png(mask: np.ndarray) -> bytes:
+    """A 2-D uint8 array as an 8-bit greyscale PNG: Up-filtered rows, deflated at level 1 with Z_RLE."""
+    height, width = mask.shape
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
+    idat = []
+    step = max(1, _PNG_BLOCK_BYTES // (width + 1))
+    for top in range(0, height, step):
+        rows = mask[top:top + step]
+        filtered = np.empty((len(rows), width + 1), np.uint8)
+        filtered[:, 0] = 2  # the Up filter type, before each row
+        if top:
+            np.subtract(rows, mask[top - 1:top - 1 + len(rows)], out=filtered[:, 1:])  # modulo 256, as PNG's
+        else:
+            filtered[0, 1:] = rows[0]  # above the first row are zeros
+            np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
+        idat.append(deflate.compress(filtered))
+    idat.append(deflate.flush())
+    return b"".join((
+        b"\x89PNG\r\n\x1a\n",
+        _png_chunk(b"IHDR", struct.pack(">II", width, height) + _PNG_GREY8),
+        _png_chunk(b"IDAT", b"".join(idat)),
+        _png_chunk(b"IEND", b""),
+    ))
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
 
 def class_fractions(mask: np.ndarray, n_classes: int) -> tuple[float, ...]:
