@@ -18,6 +18,9 @@ That needs parents that account for the children they reap, as pyspark's daemon 
 ignores SIGCHLD, so the kernel reaps its workers and their CPU time goes nowhere when they exit (Ray
 Data ends its actors at the end of every run): :class:`Sampler` follows such a tree on a thread
 instead, and counts a process that exits as last seen.
+
+Within the JVM, :func:`thread_ticks` and :func:`jvm_thread_seconds` split its CPU by what its threads
+do (the JIT compilers, the garbage collector, Spark's task threads), from /proc/<pid>/task.
 """
 
 from __future__ import annotations
@@ -154,3 +157,51 @@ class Sampler:
         root = next(kind(p) for p in self.last.values() if p.pid == self.root)
         seconds[root] -= self._thread_cpu
         return {k: round(v, 2) for k, v in sorted(seconds.items())}
+
+
+#: What a JVM thread does, by the start of its name (Linux keeps a thread's first 15 characters).
+JVM_THREAD_KINDS = (
+    ("C1 CompilerThre", "jit_compilers"),
+    ("C2 CompilerThre", "jit_compilers"),
+    ("GC Thread", "garbage_collector"),
+    ("G1 ", "garbage_collector"),
+    ("VM Thread", "garbage_collector"),  # safepoints, mostly for the collector
+    ("Executor task l", "task_threads"),
+    # py4j's threads are unnamed: one runs each action the driver's Python calls (its planning,
+    # code generation and commit) while the driver waits for it.
+    ("Thread-", "unnamed_py4j"),
+)
+
+
+def thread_ticks(pid: int) -> dict[int, tuple[str, int]]:
+    """Each thread of process ``pid``: its name and the CPU ticks it used, by thread id."""
+    threads = {}
+    try:
+        ids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return threads
+    for tid in ids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited between the listing and the read
+        fields = stat[stat.rindex(")") + 2:].split()
+        threads[int(tid)] = (stat[stat.index("(") + 1:stat.rindex(")")], int(fields[11]) + int(fields[12]))
+    return threads
+
+
+def jvm_thread_seconds(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]]) -> dict[str, float]:
+    """CPU seconds of a JVM's threads between two :func:`thread_ticks`, by :data:`JVM_THREAD_KINDS`
+    (``other`` for the rest). A thread that exited in between is not counted."""
+    ticks: dict[str, int] = {}
+    for tid, (name, used) in after.items():
+        kind = next((k for prefix, k in JVM_THREAD_KINDS if name.startswith(prefix)), "other")
+        was = before.get(tid)
+        ticks[kind] = ticks.get(kind, 0) + used - (was[1] if was and was[0] == name else 0)
+    return {k: round(v / TICKS, 2) for k, v in sorted(ticks.items())}
+
+
+def jvm_pid(processes: dict[tuple[int, int], Process]) -> int | None:
+    """The pid of the one JVM among ``processes`` (a :func:`snapshot`), None if there is none."""
+    pids = [p.pid for p in processes.values() if p.comm == "java"]
+    return pids[0] if len(pids) == 1 else None

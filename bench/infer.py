@@ -43,10 +43,16 @@ CPU per photo: the CPU seconds every process of the job used during its warm tim
 driver's Python, the JVM, the Python workers: :mod:`cpu`), with the data-path model at each of
 ``--cpu-counts`` photos, beside the bare loop's ``time.process_time`` per photo; the peers' totals
 in the same way (Ray's raylet, GCS and workers descend from the process that called ``ray.init``).
+The JVM's share is split by what its threads do (JIT compilers, garbage collector, task threads).
+The job runs ``--cpu-repeats`` times in a row at each count, in the same session (a notebook's or
+a long job's), and the bare loop as many times in its process: the first run's figures are the
+headline, as they were before repeats; the later runs show how much of the JVM's share is its JIT
+compilers warming up.
 
 Photos: at most :data:`DISTINCT_PHOTOS` are rendered; larger folders repeat them as hard links.
 
     python bench/infer.py [--count 400] [--data-path-count 4000] [--batch 32] [--cpu-counts 4000 16000]
+                          [--cpu-repeats 3]
 """
 
 from __future__ import annotations
@@ -124,6 +130,8 @@ class Timed:
 
     seconds: float
     cpu_s: dict[str, float]
+    #: The JVM's CPU seconds by what its threads do (:func:`cpu.jvm_thread_seconds`); None: not measured.
+    jvm_threads: dict[str, float] | None = None
 
     def cpu_ms_per_photo(self, photos: int) -> float:
         return round(1000 * sum(self.cpu_s.values()) / photos, 3)
@@ -201,23 +209,32 @@ def plain_predict_rate(run: Path, photos: Path, *, batch: int) -> float:
     return len(images) / (time.perf_counter() - start)
 
 
-def bare_loop(run: Path, photos: Path, out: Path, *, batch: int) -> dict[str, float]:
+def bare_loop(run: Path, photos: Path, out: Path, *, batch: int, repeats: int = 1) -> dict[str, Any]:
     """The job's per-image work in one process on one core: list, read, decode, predict, upsample,
     class fractions, PNG, one Parquet file; a bad file becomes a row with its error. Run in its own
-    process (``--bare-loop``). Returns its rate and the CPU seconds it used (``time.process_time``)."""
+    process (``--bare-loop``), ``repeats`` times. Returns the median run's rate and CPU seconds
+    (``time.process_time``), and every run's CPU milliseconds per photo."""
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    from petseg.model import artifact
+
+    loaded = artifact.load(str(run), threads=1)
+    size = loaded.image_size
+    loaded.predict_labels(np.zeros((batch, size, size, 3), np.uint8), batch_size=batch)  # trace
+    runs = sorted((_loop_once(loaded, photos, out, batch=batch) for _ in range(repeats)), key=lambda r: r["cpu_s"])
+    return {**runs[len(runs) // 2],
+            "cpu_ms_per_photo_runs": sorted(round(1000 * r["cpu_s"] / r["photos"], 3) for r in runs)}
+
+
+def _loop_once(loaded: Any, photos: Path, out: Path, *, batch: int) -> dict[str, float]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from petseg.data.decode import decode_for_model, resize_mask
     from petseg.errors import RejectedInput
     from petseg.io.fs import list_files, read_file
-    from petseg.model import artifact
     from petseg.model.segment import class_fractions, encode_mask
 
-    loaded = artifact.load(str(run), threads=1)
     size = loaded.image_size
-    loaded.predict_labels(np.zeros((batch, size, size, 3), np.uint8), batch_size=batch)  # trace
     start, cpu_start = time.perf_counter(), time.process_time()
     files = sorted(list_files(str(photos)))
     rows: dict[str, list] = {"path": [], "mask_png": [], "fractions": [], "error": []}
@@ -246,9 +263,9 @@ def bare_loop(run: Path, photos: Path, out: Path, *, batch: int) -> dict[str, fl
 
 
 def job_runs(case: Case, out: Path, *, batch: int, count: int | None = None, photos: Path | None = None,
-             bad: int | None = None) -> tuple[Timed, float]:
-    """The job's warm run over the case's photos (or ``photos``, ``count`` of them, ``bad`` not
-    images), timed with its processes' CPU, and its cold rate over one batch (the model loads)."""
+             bad: int | None = None, repeats: int = 1) -> tuple[list[Timed], float]:
+    """The job's ``repeats`` warm runs over the case's photos (or ``photos``, ``count`` of them, ``bad``
+    not images), each timed with its processes' CPU, and its cold rate over one batch (the model loads)."""
     from petseg.infer.job import run_infer
     from petseg.session import get_or_create
 
@@ -263,19 +280,25 @@ def job_runs(case: Case, out: Path, *, batch: int, count: int | None = None, pho
         spark = get_or_create(**config.to_dict(cfg.spark))
         spark.sparkContext.setLogLevel("ERROR")
         before = cpu.snapshot()
+        jvm = cpu.jvm_pid(before)
+        threads = cpu.thread_ticks(jvm) if jvm else {}
         start = time.perf_counter()
         report = run_infer(spark, infer=cfg.infer)
         seconds = time.perf_counter() - start
-        used = cpu.cpu_seconds(before, cpu.snapshot(), cpu.spark_kind)
+        used = Timed(seconds, cpu.cpu_seconds(before, cpu.snapshot(), cpu.spark_kind),
+                     cpu.jvm_thread_seconds(threads, cpu.thread_ticks(jvm)) if jvm else None)
         assert set(report.failed) <= {"image_undecodable"}, report.format()
         print(report.format(), file=sys.stderr)
-        return seconds, used, report
+        return used, report
 
-    cold, _, report = job(f"infer.limit={batch}")  # loads the model in each Python worker
+    cold, report = job(f"infer.limit={batch}")  # loads the model in each Python worker
     assert report.rows == batch, report.format()
-    seconds, used, report = job()
-    assert report.rows == count and report.failed == {"image_undecodable": bad}, report.format()
-    return Timed(seconds, used), batch / cold
+    runs = []
+    for _ in range(repeats):
+        timed, report = job()
+        assert report.rows == count and report.failed == {"image_undecodable": bad}, report.format()
+        runs.append(timed)
+    return runs, batch / cold.seconds
 
 
 def predict_batch_udf_pipeline(run: Path, *, batch: int, loads: Path) -> Callable[[Path], DataFrame]:
@@ -556,6 +579,8 @@ def main() -> None:
                         help="infer.batch_size, the peers' and the plain predict's batch")
     parser.add_argument("--cpu-counts", type=int, nargs="+", default=[4000, 16000],
                         help="photo counts at which the job's CPU per photo is measured (data-path model)")
+    parser.add_argument("--cpu-repeats", type=int, default=3,
+                        help="runs of the job in a row at each CPU count, and of the bare loop")
     parser.add_argument("--bare-loop", nargs=3, metavar=("RUN", "PHOTOS", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--ray-peer", metavar="CASES_JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -565,7 +590,7 @@ def main() -> None:
     env.prepare_process_environment(master=f"local[{CORES}]")  # TF_USE_LEGACY_KERAS before TensorFlow
     if args.bare_loop:
         run, photos, out = map(Path, args.bare_loop)
-        print(RESULT + json.dumps(bare_loop(run, photos, out, batch=args.batch)))
+        print(RESULT + json.dumps(bare_loop(run, photos, out, batch=args.batch, repeats=args.cpu_repeats)))
         return
     if args.ray_peer:
         print(RESULT + json.dumps(ray_data_peer(json.loads(args.ray_peer), batch=args.batch)))
@@ -579,7 +604,8 @@ def main() -> None:
 
     def sub_process(*extra: str) -> Any:
         """Run this script with ``extra`` in a process of its own; its result. Its stderr is this one's."""
-        done = subprocess.run([sys.executable, __file__, "--batch", str(args.batch), *extra], check=True,
+        done = subprocess.run([sys.executable, __file__, "--batch", str(args.batch),
+                               "--cpu-repeats", str(args.cpu_repeats), *extra], check=True,
                               stdout=subprocess.PIPE, text=True)
         result = next(line for line in reversed(done.stdout.splitlines()) if line.startswith(RESULT))
         return json.loads(result[len(RESULT):])
@@ -598,14 +624,16 @@ def main() -> None:
                                                for c in (recipe, free)}
 
         # The Spark runs first, so that this process's TensorFlow (the plain predict) does not share the cores.
-        data_path, _ = job_runs(free, outputs["data_path"]["job"], batch=args.batch)
-        job_cpu: dict[int, Timed] = {free.count: data_path}
+        repeats = args.cpu_repeats if free.count in args.cpu_counts else 1
+        job_cpu: dict[int, list[Timed]] = {free.count: job_runs(free, outputs["data_path"]["job"], batch=args.batch,
+                                                                repeats=repeats)[0]}
+        data_path = job_cpu[free.count][0]
         for count in sorted(set(args.cpu_counts) - {free.count}):
             photos = tmp_path / f"cpu-photos-{count}"
             bad = photo_folder(photos, count, rendered)
             job_cpu[count], _ = job_runs(free, tmp_path / f"cpu-masks-{count}", batch=args.batch, count=count,
-                                         photos=photos, bad=bad)
-        recipe_job, cold_rate = job_runs(recipe, outputs["recipe_model"]["job"], batch=args.batch)
+                                         photos=photos, bad=bad, repeats=args.cpu_repeats)
+        (recipe_job,), cold_rate = job_runs(recipe, outputs["recipe_model"]["job"], batch=args.batch)
         pbudf = {c.name: predict_batch_udf_runs(c, outputs[c.name]["predict_batch_udf"], batch=args.batch)
                  for c in (free, recipe)}
         from pyspark.sql import SparkSession
@@ -646,14 +674,20 @@ def main() -> None:
             "rows_checked": checked[case.name],
         }
 
-    def cpu_entry(count: int, timed: Timed) -> dict[str, Any]:
+    def cpu_entry(count: int, runs: list[Timed]) -> dict[str, Any]:
+        timed = runs[0]
         total = sum(timed.cpu_s.values())
         return {
             "photos": count, "wall_seconds": round(timed.seconds, 2), "cpu_s": timed.cpu_s,
+            "jvm_threads_cpu_s": timed.jvm_threads,
             "cpu_ms_per_photo": {"total": round(1000 * total / count, 3),
                                  **{kind: round(1000 * s / count, 3) for kind, s in timed.cpu_s.items()}},
             "bare_loop_cpu_ms_per_photo": round(loop_cpu_ms, 3),
             "cpu_per_photo_ratio_to_loop": round(1000 * total / count / loop_cpu_ms, 2),
+            "later_runs": [{"cpu_ms_per_photo": later.cpu_ms_per_photo(count),
+                            "jvm_cpu_s": later.cpu_s.get("jvm"), "jvm_threads_cpu_s": later.jvm_threads,
+                            "cpu_per_photo_ratio_to_loop": round(later.cpu_ms_per_photo(count) / loop_cpu_ms, 2)}
+                           for later in runs[1:]],
         }
 
     from importlib.metadata import version
@@ -683,6 +717,7 @@ def main() -> None:
         },
         "cpu_per_photo": {
             "model": "data path", "bare_loop_cpu_ms_per_photo": round(loop_cpu_ms, 3),
+            "bare_loop_cpu_ms_per_photo_runs": loop["cpu_ms_per_photo_runs"],
             "goal_ratio_to_loop_at_most": GOAL_CPU_RATIO_TO_LOOP, "goal_at_photos": CPU_GOAL_COUNT,
             "counts": [cpu_entry(count, job_cpu[count]) for count in sorted(set(args.cpu_counts))],
         },
