@@ -76,16 +76,28 @@ package: $(STAMP)
 	$(PACK_ENV)/bin/python -m pip install --quiet -c constraints.txt "$$(ls $(DIST)/petseg-*.whl)[train]"
 	$(VENV)/bin/venv-pack --prefix $(PACK_ENV) --output $(DIST)/petseg-env.tar.gz --compress-level 1 --force --quiet
 
-# Re-pin constraints.txt from the current environment after changing dependencies.
-lock: $(STAMP)
+# Re-pin constraints.txt after changing dependencies. Each lock installs into a fresh environment
+# exactly what its test environment installs, the old pins kept where they still fit, and freezes
+# that: never what was added to .venv by hand or by `make bench` (Ray).
+LOCK_ENV ?= build/lock-env
+lock:
+	rm -rf $(LOCK_ENV) && $(PYTHON) -m venv $(LOCK_ENV)
+	$(LOCK_ENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_ENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[train,test,package]'
 	{ echo "# The exact package set petseg is tested with (Python 3.11). The Makefile installs with -c this file."; \
 	  echo "# Regenerate after changing pyproject.toml: make lock"; \
-	  $(PY) -m pip freeze --exclude-editable | grep -v '^petseg'; } > constraints.txt
+	  $(LOCK_ENV)/bin/python -m pip freeze --exclude-editable | grep -v '^petseg'; } > constraints.txt
+	rm -rf $(LOCK_ENV)
 
-spark4-lock: $(SPARK4_STAMP)
-	{ echo "# The Spark 4 environment petseg is tested with (Python $$($(SPARK4_PY) -c 'import platform; print(platform.python_version())')): make spark4-env."; \
+spark4-lock:
+	@test -n "$(SPARK4_PYTHON)" || { echo "make spark4-lock needs Python 3.12 (python3.12 or pyenv)"; exit 1; }
+	rm -rf $(LOCK_ENV) && $(SPARK4_PYTHON) -m venv $(LOCK_ENV)
+	$(LOCK_ENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_ENV)/bin/python -m pip install --quiet -c constraints-spark4.txt -e '.[train,infer,test]'
+	{ echo "# The Spark 4 environment petseg is tested with (Python $$($(LOCK_ENV)/bin/python -c 'import platform; print(platform.python_version())')): make spark4-env."; \
 	  echo "# Regenerate after changing pyproject.toml: make spark4-lock"; \
-	  $(SPARK4_PY) -m pip freeze --exclude-editable | grep -v '^petseg'; } > constraints-spark4.txt
+	  $(LOCK_ENV)/bin/python -m pip freeze --exclude-editable | grep -v '^petseg'; } > constraints-spark4.txt
+	rm -rf $(LOCK_ENV)
 
 clean:
 	rm -rf build .pytest_cache
