@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 
 #: Spark confs GPU training needs on a cluster (the runner schedules one barrier task per GPU group).
 GPU_CONFS = ("spark.executor.resource.gpu.amount", "spark.task.resource.gpu.amount")
+#: Rows per Arrow batch between the JVM and a stage's Python UDFs (Spark's default: 10,000), which
+#: ingest and inference each size for a job from their rows' bytes.
+ARROW_BATCH_ROWS_CONF = "spark.sql.execution.arrow.maxRecordsPerBatch"
 
 
 def get_or_create(*, master: str | None, remote: str | None = None, app_name: str = "petseg",

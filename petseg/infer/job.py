@@ -25,7 +25,7 @@ from petseg.io.publish import atomic_output, check_replaceable, verify_if_publis
 from petseg.io.urls import is_mlflow_uri, is_table_name
 from petseg.model import artifact
 from petseg.model.segment import ERROR_COLUMN, OUTPUT_COLUMNS
-from petseg.session import check_gpu_task_slots, session_confs, task_cpus
+from petseg.session import ARROW_BATCH_ROWS_CONF, check_gpu_task_slots, session_confs, task_cpus
 from petseg.tracking import flatten, tracked_run
 
 if TYPE_CHECKING:
@@ -33,8 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The Arrow batch size conf: rows handed to a pandas UDF at once.
-ARROW_BATCH_CONF = "spark.sql.execution.arrow.maxRecordsPerBatch"
 #: 64-bit offsets for binary columns in Arrow batches (Spark >= 3.5): a batch whose images the sample
 #: under-estimated costs memory, rather than failing past Arrow's 2 GB of bytes per column.
 LARGE_VAR_TYPES_CONF = "spark.sql.execution.arrow.useLargeVarTypes"
@@ -268,7 +266,7 @@ def _segment_and_write(
     )
     batch_rows = arrow_batch_rows(infer, row_bytes=table.row_bytes)
     log.info("infer: %d rows per Arrow batch (largest sampled image %s bytes)", batch_rows, table.row_bytes)
-    with session_confs(spark, {ARROW_BATCH_CONF: str(batch_rows), LARGE_VAR_TYPES_CONF: "true"}):
+    with session_confs(spark, {ARROW_BATCH_ROWS_CONF: str(batch_rows), LARGE_VAR_TYPES_CONF: "true"}):
         if streaming:
             counts: Counter[str] = Counter()
             run_query(spark, observe_counts(out), infer=infer, on_batch=counts.update)

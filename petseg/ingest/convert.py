@@ -25,7 +25,7 @@ from petseg.errors import ConfigError, InputError, RejectedInput
 from petseg.ingest.pairs import PAIRS_SCHEMA, DecodeTasks, example_bytes
 from petseg.io.fs import Storage, read_file, storage_for
 from petseg.io.publish import atomic_output, check_replaceable
-from petseg.session import session_confs
+from petseg.session import ARROW_BATCH_ROWS_CONF, session_confs
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,6 @@ PREPARED_SCHEMA = StructType(
 
 #: Rows per cached batch of the decoded examples (Spark's default: 10,000).
 CACHE_BATCH_ROWS_CONF = "spark.sql.inMemoryColumnarStorage.batchSize"
-#: Rows per Arrow batch to and from the decode task's Python (Spark's default: 10,000).
-ARROW_BATCH_ROWS_CONF = "spark.sql.execution.arrow.maxRecordsPerBatch"
 #: Bytes of decoded examples per cached and Arrow batch: 128 raw 128x128 examples.
 DECODE_BATCH_BYTES = 8 * 1024 * 1024
 
