@@ -54,16 +54,20 @@ class Process:
         return self.pid, self.start
 
 
+def _parse_stat(stat: str) -> tuple[str, list[str]]:
+    """A /proc stat line's name and its fields from the 3rd of proc(5) on: state=0, ppid=1, utime=11,
+    stime=12, cutime=13, cstime=14, starttime=19. The name is in parentheses and may hold spaces and
+    parentheses: the fields follow the last ")"."""
+    return stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+
+
 def _read(pid: int) -> Process | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None  # exited between the listing and the read
-    # comm is in parentheses and may hold spaces and parentheses: the fields follow the last ")".
-    comm = stat[stat.index("(") + 1:stat.rindex(")")]
-    fields = stat[stat.rindex(")") + 2:].split()
-    # Fields from the 3rd of proc(5) on: state=0, ppid=1, utime=11, stime=12, cutime=13, cstime=14, starttime=19.
+    comm, fields = _parse_stat(stat)
     return Process(pid=pid, ppid=int(fields[1]), start=int(fields[19]), own=int(fields[11]) + int(fields[12]),
                    reaped=int(fields[13]) + int(fields[14]), comm=comm, cmdline=cmdline)
 
@@ -185,8 +189,8 @@ def thread_ticks(pid: int) -> dict[int, tuple[str, int]]:
             stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
         except (FileNotFoundError, ProcessLookupError):
             continue  # exited between the listing and the read
-        fields = stat[stat.rindex(")") + 2:].split()
-        threads[int(tid)] = (stat[stat.index("(") + 1:stat.rindex(")")], int(fields[11]) + int(fields[12]))
+        name, fields = _parse_stat(stat)
+        threads[int(tid)] = (name, int(fields[11]) + int(fields[12]))
     return threads
 
 
